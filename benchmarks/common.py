@@ -10,6 +10,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -49,6 +50,46 @@ class CpuClock:
                 "cpu_children_s": self.children_cpu - start.children_cpu}
 
 
+class GpuMonitor:
+    """Samples the GPU while a timed region runs: ``nvidia-smi``'s utilisation (the share of time a
+    kernel was running, not of the GPU's FLOPs) every 100 ms, and the peak of CUDA memory in use.
+
+    A context manager that does nothing unless ``active``; its ``result()`` goes into a task's answer.
+    """
+
+    def __init__(self, active: bool, interval_ms: int = 100) -> None:
+        self.active = active and shutil.which("nvidia-smi") is not None
+        self.interval_ms = interval_ms
+        self.samples: list[tuple[float, float]] = []
+        self._proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> "GpuMonitor":
+        if self.active:
+            self._proc = subprocess.Popen(
+                ["nvidia-smi", "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits",
+                 f"-lms={self.interval_ms}"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._proc is None:
+            return
+        self._proc.terminate()
+        output, _ = self._proc.communicate(timeout=10)
+        for line in output.splitlines():
+            parts = [p.strip() for p in line.split(",")]
+            try:
+                self.samples.append((float(parts[0]), float(parts[1])))
+            except (ValueError, IndexError):
+                continue  # a line cut off by the terminate
+
+    def result(self) -> dict:
+        if not self.samples:
+            return {}
+        utilisation = [u for u, _ in self.samples]
+        return {"gpu_busy_pct_mean": sum(utilisation) / len(utilisation), "gpu_busy_samples": len(utilisation),
+                "gpu_memory_used_mib_max": max(m for _, m in self.samples)}
+
+
 def emit(result: dict) -> None:
     """A task's answer: the last line of its stdout."""
     print(RESULT_PREFIX + json.dumps(result), flush=True)
@@ -81,7 +122,17 @@ def machine() -> dict:
             versions[package] = md.version(package)
         except md.PackageNotFoundError:
             versions[package] = None
-    return {"cpu_model": model, "cpus": os.cpu_count(), "python": platform.python_version(), **versions}
+    return {"cpu_model": model, "cpus": os.cpu_count(), "python": platform.python_version(), "gpu": gpu_name(),
+            **versions}
+
+
+def gpu_name() -> str | None:
+    """The first GPU's name as nvidia-smi reports it (None without one)."""
+    if shutil.which("nvidia-smi") is None:
+        return None
+    proc = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+                          capture_output=True, text=True)
+    return proc.stdout.splitlines()[0].strip() if proc.returncode == 0 and proc.stdout.strip() else None
 
 
 def table(title: str, header: list[str], rows: list[list]) -> str:

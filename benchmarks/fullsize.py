@@ -33,7 +33,22 @@ T5_XXL_CONFIG = dict(
 )
 
 # Dense fp16/bf16 tensor-core peaks (no sparsity) from the vendors' data sheets, for the floor.
-PEAK_TFLOPS = {"H100 SXM": 989.4, "H200 SXM": 989.4, "A100 SXM": 312.0}
+PEAK_TFLOPS = {"H100 SXM": 989.4, "H200 SXM": 989.4, "H100 PCIe": 756.0, "A100 SXM": 312.0}
+
+
+def peak_tflops(gpu_name: str | None) -> tuple[str, float] | None:
+    """The data-sheet entry for a GPU as nvidia-smi names it (e.g. 'NVIDIA H100 80GB HBM3')."""
+    if not gpu_name:
+        return None
+    if "H100" in gpu_name:
+        key = "H100 PCIe" if "PCIe" in gpu_name else "H100 SXM"
+    elif "H200" in gpu_name:
+        key = "H200 SXM"
+    elif "A100" in gpu_name:
+        key = "A100 SXM"
+    else:
+        return None
+    return key, PEAK_TFLOPS[key]
 
 
 def write_full_size_models(dest: Path, tiny_models: Path, device: str = "cuda") -> Path:

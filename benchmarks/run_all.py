@@ -43,7 +43,7 @@ from procmon import run_with_peak  # noqa: E402
 FULL_HIDDEN = 4096  # T5-XXL
 FULL_LATENT_CHANNELS = 4  # SDXL VAE
 MAX_LENGTH = 300
-SECTIONS = ("build", "host", "bytes", "read", "memory", "stages", "flops")
+SECTIONS = ("build", "host", "bytes", "read", "memory", "stages", "plan", "flops", "gpu")
 
 
 def _parse() -> argparse.Namespace:
@@ -195,9 +195,9 @@ def section_build(ctx: Context) -> None:
         runs["baseline"].append(run_task("baseline", {"config": options, "source": str(main_ds),
                                                       "out": str(out / "baseline"), "workers": args.workers}))
         runs["encoders"].append(run_task("encoders", {"config": options, "source": str(main_ds)}))
-        runs["processes"].append(run_task("build", {"config": options, "source": str(main_ds),
-                                                    "out": str(out / "build-processes"), "decode_processes": True}))
-        if args.device == "cpu":
+        if args.device == "cpu":  # CPU-only comparisons (decode design, CPU memory layout)
+            runs["processes"].append(run_task("build", {"config": options, "source": str(main_ds),
+                                                        "out": str(out / "build-processes"), "decode_processes": True}))
             runs["channels_last"].append(run_task("build", {"config": options, "source": str(main_ds),
                                                             "out": str(out / "build-cl"), "channels_last": True}))
     loads.append(_load())
@@ -217,9 +217,10 @@ def section_build(ctx: Context) -> None:
         ["encoders alone on pre-decoded pixels", enc[0], enc[1], best("encoders")["cpu_self_s"],
          f"build = {100 * sk[0] / enc[0]:.0f}% of it"],
     ]
-    pr = rates("processes")
-    rows.append(["for reference: decode in spawned processes (build.py before f4fe59c)", pr[0], pr[1],
-                 best("processes")["cpu_self_s"] + best("processes")["cpu_children_s"], f"{pr[0] / sk[0]:.2f}x build()"])
+    if runs["processes"]:
+        pr = rates("processes")
+        rows.append(["for reference: decode in spawned processes (build.py before f4fe59c)", pr[0], pr[1],
+                     best("processes")["cpu_self_s"] + best("processes")["cpu_children_s"], f"{pr[0] / sk[0]:.2f}x build()"])
     if runs["channels_last"]:
         cl = rates("channels_last")
         rows.append(["prototype: channels-last VAE on CPU (encoders.py, not applied)", cl[0], cl[1],
@@ -275,7 +276,7 @@ def section_host(ctx: Context) -> None:
 
 def section_bytes(ctx: Context) -> None:
     """Bytes per sample, measured and projected to the real dimensions."""
-    args, out, report = ctx.args, ctx.out, ctx.report
+    out, report = ctx.out, ctx.report
     built = shard_bytes(out / "build")
     base_files = baseline_bytes(out / "baseline")
     n = built["samples"]
@@ -476,6 +477,27 @@ def section_stages(ctx: Context) -> None:
     report.add("stages", text, {"decode": decode, "serialise": serial})
 
 
+def section_plan(ctx: Context) -> None:
+    """Planning from object storage: image lookups one at a time vs on threads ahead of the planner."""
+    args, report = ctx.args, ctx.report
+    latency_ms = 20
+    result = run_task("plan_remote", {"source": str(ctx.main_ds), "latency_ms": latency_ms, "records": args.n,
+                                      "threads": [0, 8, 32], "tokenizer": str(ctx.tiny / "tokenizer"),
+                                      "work": str(ctx.out / "plan-remote")})
+    runs = list(result["runs"].values())
+    serial = {r["layout"]: _rate(r["records"], r["wall_s"]) for r in runs if r["threads"] == 0}
+    rows = [[r["layout"], "inline, one at a time (before)" if r["threads"] == 0 else f"{r['threads']} lookup threads",
+             _rate(r["records"], r["wall_s"]), f"{_rate(r['records'], r['wall_s']) / serial[r['layout']]:.1f}x"]
+            for r in runs]
+    text = table(f"Planning from object storage ({args.n} records over HTTP on 127.0.0.1, {latency_ms} ms before "
+                 f"each answer)", ["metadata", "image lookups", "records/s", "speed-up"], rows)
+    text += ("\nImages kept: the planner needs each image's size (a HEAD) and, where the metadata has no "
+             "width/height, its header (a GET; the size comes with it). build.py uses 32 threads for object-storage "
+             "sources, none for local files. The server runs in the benchmark's process on the same 2 cores, so the "
+             "threaded rates are bounded by this machine's CPU as much as by the lookups.\n")
+    report.add("plan", text, result)
+
+
 def section_flops(ctx: Context) -> None:
     """FLOP floor of the full-size encoders (computed on the meta device)."""
     args, report = ctx.args, ctx.report
@@ -496,6 +518,63 @@ def section_flops(ctx: Context) -> None:
                  ["GPU", "dense fp16 peak TFLOPS", "shardkit samples/s at 100% of peak",
                   "per-file baseline samples/s at 100% of peak", "baseline FLOPs / shardkit FLOPs"], floor_rows)
     report.add("flops", text, flops)
+
+
+def section_gpu(ctx: Context) -> None:
+    """On a GPU: images/s, captions/s and achieved TFLOP/s of each encoder against the data-sheet peak,
+    shardkit's way and the per-file way (needs the build and flops sections of this run)."""
+    args, report = ctx.args, ctx.report
+    results = report.results
+    if args.device != "cuda" or "build" not in results or "flops" not in results:
+        return
+    from fullsize import peak_tflops
+
+    runs, flops = results["build"]["runs"], results["flops"]
+    peak = peak_tflops(results["machine"].get("gpu"))
+    peak_name, peak_value = peak if peak else ("unknown GPU", float("nan"))
+
+    def best(name: str) -> dict:
+        return min(runs[name], key=lambda r: r["wall_s"])
+
+    enc, base, sk = best("encoders"), best("baseline"), best("shardkit")
+    n = enc["samples"]
+    base_captions = sum(base["captions"].values())
+
+    def row(what: str, items: float, unit: str, seconds: float, useful_flop: float, executed_flop: float,
+            busy: float | None) -> list:
+        useful, executed = useful_flop / seconds / 1e12, executed_flop / seconds / 1e12
+        return [what, f"{items / seconds:,.1f} {unit}/s", useful, executed, f"{100 * executed / peak_value:.1f}%",
+                "-" if busy is None else f"{busy:.0f}%"]
+
+    rows = [
+        row(f"VAE, shardkit (batches of {args.batch_size}, encoders alone)", n, "images", enc["vae_s"],
+            flops["vae_flops"] * n, flops["vae_flops"] * n, None),
+        row("VAE, per-file (1 image per call; phase incl. its decode waits and saves)", base["samples"], "images",
+            base["vae_wall_s"], flops["vae_flops"] * base["samples"], flops["vae_flops"] * base["samples"], None),
+        row(f"T5, shardkit (length-sorted, dynamic padding, batches of <= {args.t5_batch_size}, encoders alone)",
+            enc["captions"], "captions", enc["t5_s"], flops["t5_flops_shardkit"] * n, flops["t5_flops_shardkit"] * n, None),
+        row(f"T5, per-file (1 caption per call, padded to {MAX_LENGTH}; phase incl. saves)", base_captions, "captions",
+            base["t5_wall_s"], flops["t5_flops_shardkit"] * base["samples"], flops["t5_flops_baseline"] * base["samples"],
+            None),
+        row("encoders alone, both (shardkit's batches)", n, "samples", enc["wall_s"],
+            (flops["vae_flops"] + flops["t5_flops_shardkit"]) * n, (flops["vae_flops"] + flops["t5_flops_shardkit"]) * n,
+            enc.get("gpu_busy_pct_mean")),
+        row("shardkit build() end to end", sk["samples"], "samples", sk["wall_s"],
+            (flops["vae_flops"] + flops["t5_flops_shardkit"]) * sk["samples"],
+            (flops["vae_flops"] + flops["t5_flops_shardkit"]) * sk["samples"], sk.get("gpu_busy_pct_mean")),
+        row("per-file extraction end to end", base["samples"], "samples", base["wall_s"],
+            (flops["vae_flops"] + flops["t5_flops_shardkit"]) * base["samples"],
+            (flops["vae_flops"] + flops["t5_flops_baseline"]) * base["samples"], base.get("gpu_busy_pct_mean")),
+    ]
+    text = table(f"GPU: encoder throughput against the FLOP floor ({results['machine'].get('gpu')}; peak taken as "
+                 f"{peak_name} dense fp16 {peak_value:g} TFLOP/s; {args.resolution} px, fp16, best of {args.repeats})",
+                 ["what", "throughput", "useful TFLOP/s (valid tokens)", "executed TFLOP/s", "executed / peak",
+                  "GPU busy (nvidia-smi)"], rows)
+    memory = {name: best(name).get("cuda_max_allocated_mib") for name in ("shardkit", "baseline", "encoders")}
+    text += ("\nuseful = FLOPs of the work that must be done (VAE + T5 on the valid tokens); executed = FLOPs run, "
+             "padding included. GPU busy = share of 100 ms samples in which a kernel ran, over the timed region. "
+             f"Peak CUDA memory allocated (MiB): {memory}.\n")
+    report.add("gpu", text, {"peak": [peak_name, peak_value], "rows": rows, "cuda_max_allocated_mib": memory})
 
 
 def main() -> None:

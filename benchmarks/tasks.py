@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import CpuClock, emit
+from common import CpuClock, GpuMonitor, emit
 
 
 # ---- shared -------------------------------------------------------------------------------
@@ -104,10 +104,12 @@ def task_build(args: dict) -> dict:
     if args.get("channels_last"):
         _channels_last_on_cpu(encoders)
     out = _fresh(args["out"])
-    start = CpuClock.now()
-    summary = build(args["source"], out, config, encoders=encoders)
-    result = CpuClock.now().since(start)
-    result.update(samples=summary.written, skipped=summary.skipped, bytes=summary.bytes, shards=summary.shards)
+    with GpuMonitor(config.device == "cuda") as gpu:
+        start = CpuClock.now()
+        summary = build(args["source"], out, config, encoders=encoders)
+        result = CpuClock.now().since(start)
+    result.update(samples=summary.written, skipped=summary.skipped, bytes=summary.bytes, shards=summary.shards,
+                  **gpu.result(), **_cuda_peak())
     return result
 
 
@@ -185,22 +187,36 @@ def task_encoders(args: dict) -> dict:
                                      r.expected_hw, table.uses_lanczos).pixels for r in records]
             batches.append((torch.from_numpy(np.stack(pixels)), [r.token_ids for r in records]))
     vae_s = t5_s = 0.0
-    start = CpuClock.now()
-    for pixels, token_ids in batches:
-        t0 = time.perf_counter()
-        encoders.vae.encode(pixels)
-        t1 = time.perf_counter()
-        distinct: dict[tuple[int, ...], None] = {}
-        for ids in token_ids:
-            for value in ids.values():
-                distinct.setdefault(tuple(value), None)
-        encoders.t5.encode(list(distinct), config.t5_batch_size)
-        t2 = time.perf_counter()
-        vae_s += t1 - t0
-        t5_s += t2 - t1
-    result = CpuClock.now().since(start)
-    result.update(samples=sum(len(p) for p, _ in batches), vae_s=vae_s, t5_s=t5_s, batches=len(batches))
+    captions = tokens = 0
+    with GpuMonitor(config.device == "cuda") as gpu:
+        start = CpuClock.now()
+        for pixels, token_ids in batches:
+            t0 = time.perf_counter()
+            encoders.vae.encode(pixels)
+            t1 = time.perf_counter()
+            distinct: dict[tuple[int, ...], None] = {}
+            for ids in token_ids:
+                for value in ids.values():
+                    distinct.setdefault(tuple(value), None)
+            encoders.t5.encode(list(distinct), config.t5_batch_size)
+            t2 = time.perf_counter()
+            vae_s += t1 - t0
+            t5_s += t2 - t1
+            captions += len(distinct)
+            tokens += sum(len(ids) for ids in distinct)
+        result = CpuClock.now().since(start)
+    result.update(samples=sum(len(p) for p, _ in batches), vae_s=vae_s, t5_s=t5_s, batches=len(batches),
+                  captions=captions, tokens=tokens, **gpu.result(), **_cuda_peak())
     return result
+
+
+def _cuda_peak() -> dict:
+    """Peak CUDA memory the task's tensors took (allocator's view), when a GPU was used."""
+    import torch
+
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return {}
+    return {"cuda_max_allocated_mib": torch.cuda.max_memory_allocated() / 2**20}
 
 
 # ---- the PixArt-style baseline ----------------------------------------------------------------
@@ -212,18 +228,19 @@ def task_baseline(args: dict) -> dict:
     config, encoders = _load(args["config"])
     out = _fresh(args["out"])
     source = Path(args["source"])
-    start = CpuClock.now()
-    images = extract_vae(source, out, encoders.vae.model, config.resolution, args["workers"], pool=pool)
-    if pool is not None:
-        pool.close()
-        pool.join()
-    vae_done = CpuClock.now()
-    captions = {}
-    for field in config.captions:
-        captions[field] = extract_t5(source, out, encoders.t5.tokenizer, encoders.t5.model, field, config.max_length)
-    result = CpuClock.now().since(start)
+    with GpuMonitor(config.device == "cuda") as gpu:
+        start = CpuClock.now()
+        images = extract_vae(source, out, encoders.vae.model, config.resolution, args["workers"], pool=pool)
+        if pool is not None:
+            pool.close()
+            pool.join()
+        vae_done = CpuClock.now()
+        captions = {}
+        for field in config.captions:
+            captions[field] = extract_t5(source, out, encoders.t5.tokenizer, encoders.t5.model, field, config.max_length)
+        result = CpuClock.now().since(start)
     result.update(samples=images, captions=captions, vae_wall_s=vae_done.wall - start.wall,
-                  t5_wall_s=time.perf_counter() - vae_done.wall)
+                  t5_wall_s=result["wall_s"] - (vae_done.wall - start.wall), **gpu.result(), **_cuda_peak())
     return result
 
 
@@ -511,6 +528,72 @@ def task_npz_proxy(args: dict) -> dict:
         rows.append({"length": length, "distinct_rows": distinct_padded_rows(length, args["max_length"]),
                      "npz_bytes": len(buffer.getvalue())})
     return {"rows": rows, "hidden": T5_XXL_CONFIG["d_model"]}
+
+
+def task_plan_remote(args: dict) -> dict:
+    """Planning from object storage: records/s with image lookups one at a time vs on threads ahead.
+
+    The dataset is served over HTTP on 127.0.0.1 by a server that waits ``latency_ms`` before each
+    answer, the first-byte latency of an object store. Planning needs each image's size (images are
+    kept) and, where the metadata has no width/height, its header: one request per record.
+    """
+    import functools
+    import http.server
+    import threading
+
+    from transformers import AutoTokenizer
+
+    from shardkit.buckets import BucketTable
+    from shardkit.config import BuildConfig
+    from shardkit.plan import Planner
+    from shardkit.sources import iter_records, resolve_source
+
+    root = Path(args["source"])
+    latency = args["latency_ms"] / 1000
+
+    class SlowHandler(http.server.SimpleHTTPRequestHandler):
+        def send_head(self):
+            time.sleep(latency)
+            return super().send_head()
+
+        def log_message(self, *a):
+            pass
+
+    # The served folder: the dataset (linked) plus a JSON Lines source without width/height, so
+    # that the planner must read each image's header.
+    served = _fresh(args["work"])
+    served.mkdir(parents=True)
+    for folder in ("InternData", "InternImgs"):
+        (served / folder).symlink_to(root / folder)
+    items = json.loads((root / "InternData" / "data_info.json").read_text())
+    (served / "no-sizes.jsonl").write_text("".join(
+        json.dumps({"path": f"InternImgs/{it['path']}", "prompt": it["prompt"]}) + "\n" for it in items[:args["records"]]))
+    class Server(http.server.ThreadingHTTPServer):
+        daemon_threads = True
+        request_queue_size = 256  # the default 5 refuses concurrent connections and clients retry after 1 s
+
+    server = Server(("127.0.0.1", 0), functools.partial(SlowHandler, directory=str(served)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    tokenizer = AutoTokenizer.from_pretrained(args["tokenizer"])
+    config = BuildConfig(resolution=512, captions=["prompt"], keep_images=True, vae="unused", t5="unused")
+    results = {}
+    try:
+        for label, source in (("sizes in metadata (one HEAD per record)", f"{base}/InternData/data_info.json"),
+                              ("no sizes in metadata (one GET per record)", f"{base}/no-sizes.jsonl")):
+            for threads in args["threads"]:
+                planner = Planner(config, BucketTable(512), lambda text: tokenizer(text)["input_ids"],
+                                  lambda h, w: (8, h // 8, w // 8), 32, lookup_threads=threads)
+                records = iter_records(resolve_source(source), config.captions)
+                limited = (r for r in records if r.index < args["records"])
+                start = CpuClock.now()
+                planned = sum(len(plan.records) for plan in planner.plan(limited))
+                clock = CpuClock.now().since(start)
+                results[f"{label} | {threads}"] = dict(clock, records=planner.stats.records_read, planned=planned,
+                                                       threads=threads, layout=label)
+    finally:
+        server.shutdown()
+    return {"latency_ms": args["latency_ms"], "runs": results}
 
 
 def task_write_full_models(args: dict) -> dict:

@@ -16,7 +16,7 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -28,16 +28,20 @@ from .distributed import (PART_PATTERN, MergeSummary, RankInfo, check_world_size
 from .encoders import Encoders, check_encoders_match, load_encoders
 from .errors import ShardkitError
 from .images import DecodeJob, DecodeResult, SourceUnavailable, run_decode_job
+from .lookahead import bounded_map
 from .manifest import MANIFEST_NAME, Manifest, ShardEntry, read_manifest_at, write_failures, write_manifest
 from .plan import PlannedRecord, Planner, ShardPlan, Skip
 from .shards import Sample, ShardWriter, WrittenShard, json_bytes, npy_bytes, remove_partial_shards
 from .sources import count_records, iter_records, resolve_source
-from .storage import Storage, is_url, storage_options_for
+from .storage import RemotePath, Storage, is_url, storage_options_for
 
 log = logging.getLogger(__name__)
 
 # How many shard-writing steps may queue behind the encoders before they wait.
 _WRITER_BACKLOG = 4
+# Image lookups (size, header) in flight for an object-storage source: enough to hide ~50 ms round
+# trips at thousands of records per second, few enough for any endpoint's connection pool.
+_REMOTE_LOOKUP_THREADS = 32
 # What a build writes at the top of OUTPUT (manifests, failures, rank parts and their temp files).
 _BUILD_FILE = re.compile(r"^\.?(manifest(\.rank\d{3,})?\.json|failures(\.rank\d{3,})?\.jsonl)(\.tmp)?$")
 
@@ -80,25 +84,6 @@ class _EncodedBatch:
     images: list  # TransformedImage per planned record
     latents: np.ndarray
     t5: list[dict[str, np.ndarray]]
-
-
-def _bounded_map(fn: Callable, tagged_args: Iterable[tuple], executor: futures.Executor | None,
-                 window: int) -> Iterator[tuple]:
-    """(tag, fn(arg)) for each (tag, arg), in input order, with at most ``window`` calls in flight:
-    decoding runs ahead of the encoders without ever holding the whole dataset in memory."""
-    if executor is None:
-        for tag, arg in tagged_args:
-            yield tag, fn(arg)
-        return
-    pending: deque = deque()
-    for tag, arg in tagged_args:
-        pending.append((tag, executor.submit(fn, arg)))
-        if len(pending) >= window:
-            done_tag, future = pending.popleft()
-            yield done_tag, future.result()
-    while pending:
-        done_tag, future = pending.popleft()
-        yield done_tag, future.result()
 
 
 class BuildJob:
@@ -209,18 +194,19 @@ class BuildJob:
     def _run(self, progress: Callable[[int], None]) -> BuildSummary:
         start = time.perf_counter()
         planner = Planner(self.config, self.table, self.encoders.t5.tokenize, self.encoders.vae.feature_shape,
-                          self.encoders.t5.hidden_size)
-        # Ranks split the records before planning; the planner learns of paths seen on other ranks
-        # so that repeats are skipped exactly as in a one-process build.
-        records = split_records(iter_records(self.spec, self.config.captions), self.ranks, planner.mark_path_seen)
-        plans = planner.plan(self._count_skips(records, planner, progress))
+                          self.encoders.t5.hidden_size, lookup_threads=self._lookup_threads(),
+                          on_skip=lambda skip: progress(1))
+        # Ranks split the records before planning; a record whose path came earlier on another
+        # rank says so, and is skipped exactly as in a one-process build.
+        records = split_records(iter_records(self.spec, self.config.captions), self.ranks)
+        plans = planner.plan(records)
         executor = self._decode_executor()
         writer = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="shardkit-writer")
         backlog: deque = deque()
         open_shard: _OpenShard | None = None
         try:
             window = max(2 * self.config.batch_size, 4 * max(self.config.workers, 1))
-            for (plan, planned), result in _bounded_map(run_decode_job, self._decode_jobs(plans, progress),
+            for (plan, planned), result in bounded_map(run_decode_job, self._decode_jobs(plans, progress),
                                                         executor, window):
                 if open_shard is None or open_shard.plan is not plan:
                     if open_shard is not None:
@@ -272,13 +258,11 @@ class BuildJob:
                             shards_reused=self.shards_reused, elapsed_s=time.perf_counter() - start,
                             rank=self.ranks.rank, world_size=self.ranks.world_size)
 
-    def _count_skips(self, records, planner: Planner, progress) -> Iterator:
-        """Advance the progress bar for records the planner skips."""
-        for record in records:
-            before = len(planner.stats.skips)
-            yield record
-            if len(planner.stats.skips) != before:
-                progress(1)
+    def _lookup_threads(self) -> int:
+        """Threads that look images up ahead of the planner: each lookup in object storage is a
+        round trip (tens of ms), so one at a time would starve the encoders; local lookups are
+        cheap and run inline."""
+        return _REMOTE_LOOKUP_THREADS if isinstance(self.spec.image_root, RemotePath) else 0
 
     def _decode_jobs(self, plans: Iterator[ShardPlan], progress) -> Iterator[tuple]:
         lanczos = self.table.uses_lanczos

@@ -24,7 +24,7 @@ import os
 import re
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Callable, Iterator, Mapping
+from typing import Iterator, Mapping
 
 from .config import BuildConfig
 from .errors import ShardkitError
@@ -142,12 +142,13 @@ def select_cuda_device(device: str, ranks: RankInfo) -> str | None:
     return f"cuda:{index}"
 
 
-def split_records(records: Iterator[Record], ranks: RankInfo, mark_seen: Callable[[str], None]) -> Iterator[Record]:
+def split_records(records: Iterator[Record], ranks: RankInfo) -> Iterator[Record]:
     """This rank's records: those with ``index % world_size == rank``.
 
     Every rank still looks at every record's path (no file is opened), so a path repeated in
     the source is skipped as ``duplicate_path`` on whichever rank holds the later occurrence,
-    exactly as in a one-process build: ``mark_seen`` tells the planner about the earlier one.
+    exactly as in a one-process build: the record carries the fact (``repeats_earlier_path``),
+    so it holds however far ahead of the planner this stream runs.
     """
     if not ranks.distributed:
         yield from records
@@ -161,8 +162,7 @@ def split_records(records: Iterator[Record], ranks: RankInfo, mark_seen: Callabl
             seen.add(path)
         if record.index % ranks.world_size != ranks.rank:
             continue
-        if repeated:
-            mark_seen(record.normalized_path)
+        record.repeats_earlier_path = repeated
         yield record
 
 

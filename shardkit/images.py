@@ -49,6 +49,7 @@ class ImageHeader:
     width: int  # after EXIF orientation
     height: int
     format: str
+    file_bytes: int  # size of the file, read with the header (no separate size lookup needed)
 
 
 @dataclass
@@ -122,7 +123,7 @@ def read_header(path: Path, max_pixels: int) -> ImageHeader:
     data = _read_bytes(path)
     image = _open(data, path, max_pixels)
     width, height = _oriented_size(image)
-    return ImageHeader(width=width, height=height, format=(image.format or "").lower())
+    return ImageHeader(width=width, height=height, format=(image.format or "").lower(), file_bytes=len(data))
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -5,19 +5,25 @@ record's bucket is too. Records join an open plan for their bucket; a plan close
 reaches the sample or byte limit, and the rest close at the end of the stream. The plans
 depend only on the input order and the config, so each shard is an idempotent unit of work:
 a rerun produces the same plans, and a resume skips the ones already written.
+
+What planning needs from storage (the image's size in bytes, its header when the metadata has
+no width/height) is looked up by ``look_up_image`` — for object storage on worker threads a
+window ahead of the planner, since each lookup is a network round trip.
 """
 
 from __future__ import annotations
 
+import concurrent.futures as futures
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
 from .buckets import Bucket, BucketTable
 from .config import BuildConfig
-from .images import ImageSkip, read_header
+from .images import ImageHeader, ImageSkip, read_header
+from .lookahead import bounded_map
 from .sources import Record
 
 PATH_OUTSIDE_ROOT = "path_outside_root"
@@ -34,6 +40,8 @@ _TAR_MEMBER_OVERHEAD = 1024
 _METADATA_ALLOWANCE = 2048
 _NPY_HEADER = 128
 _TAR_END = 10240
+# Lookups in flight per lookup thread: enough to hide round trips without holding many records.
+_LOOKAHEAD_PER_THREAD = 4
 
 
 @dataclass
@@ -75,6 +83,39 @@ class ShardPlan:
 
 
 @dataclass
+class ImageFacts:
+    """What storage says of a record's image before it is decoded."""
+
+    file_bytes: int | None = None  # None: not needed, or not found (the decode stage records the miss)
+    header: ImageHeader | None = None  # read only when the metadata gives no width/height
+    header_skip: ImageSkip | None = None  # the header could not be read: the record's skip
+
+
+def look_up_image(record: Record, keep_images: bool, max_pixels: int) -> ImageFacts:
+    """The image's header (if the metadata lacks its size) and its size in bytes (if images are kept).
+
+    Remote storage errors other than a missing file propagate (SourceUnavailable): they say
+    nothing about the record, so the build stops resumably instead of skipping it.
+    """
+    facts = ImageFacts()
+    if record.escapes_root:
+        return facts  # skipped without touching storage
+    if record.width is None or record.height is None:
+        try:
+            facts.header = read_header(record.location, max_pixels)
+        except ImageSkip as exc:
+            facts.header_skip = exc
+            return facts
+        facts.file_bytes = facts.header.file_bytes
+    if keep_images and facts.file_bytes is None:
+        try:
+            facts.file_bytes = record.location.stat().st_size
+        except OSError:
+            pass  # a missing file is found and recorded by the decode stage
+    return facts
+
+
+@dataclass
 class PlanStats:
     records_read: int = 0
     planned: int = 0
@@ -82,31 +123,40 @@ class PlanStats:
 
 
 class Planner:
+    """Records -> shard plans.
+
+    ``lookup_threads``: how many threads look images up (``look_up_image``) ahead of the planner,
+    in order; 0 looks them up inline (local files: a stat or a header read is cheap).
+    ``on_skip`` is told of each record the planner skips (the build's progress bar).
+    """
+
     def __init__(self, config: BuildConfig, table: BucketTable, tokenize: Callable[[str], list[int]],
-                 latent_shape: Callable[[int, int], tuple[int, int, int]], hidden_size: int):
+                 latent_shape: Callable[[int, int], tuple[int, int, int]], hidden_size: int,
+                 lookup_threads: int = 0,
+                 on_skip: Callable[[Skip], None] | None = None):
         self.config = config
         self.table = table
         self.tokenize = tokenize
         self.latent_shape = latent_shape
         self.hidden_size = hidden_size
         self.feature_itemsize = 2 if config.store_dtype == "fp16" else 4
+        self.lookup_threads = lookup_threads
+        self.on_skip = on_skip
         self.stats = PlanStats()
         self._seen_paths: set[str] = set()
         self._seen_keys: set[str] = set()
 
-    def mark_path_seen(self, normalized_path: str) -> None:
-        """A record of this path was read elsewhere (another rank's share): a later one is a duplicate."""
-        self._seen_paths.add(normalized_path)
-
-    def plan(self, records: Iterator[Record]) -> Iterator[ShardPlan]:
+    def plan(self, records: Iterable[Record]) -> Iterator[ShardPlan]:
         """Yield shard plans as they close; the stats hold every record's fate."""
         open_plans: dict[str, ShardPlan] = {}
         closed_per_bucket: dict[str, int] = {}
-        for record in records:
+        for record, facts in self._looked_up(records):
             self.stats.records_read += 1
-            planned = self._plan_record(record)
+            planned = self._plan_record(record, facts)
             if isinstance(planned, Skip):
                 self.stats.skips.append(planned)
+                if self.on_skip is not None:
+                    self.on_skip(planned)
                 continue
             self.stats.planned += 1
             bucket = planned.bucket
@@ -129,14 +179,30 @@ class Planner:
             if plan is not None and plan.records:
                 yield plan
 
-    def _plan_record(self, record: Record) -> PlannedRecord | Skip:
+    def _looked_up(self, records: Iterable[Record]) -> Iterator[tuple[Record, ImageFacts]]:
+        keep_images, max_pixels = self.config.keep_images, self.config.max_image_pixels
+
+        def look_up(record: Record) -> ImageFacts:
+            return look_up_image(record, keep_images, max_pixels)
+
+        tagged = ((record, record) for record in records)
+        if self.lookup_threads <= 0:
+            yield from bounded_map(look_up, tagged, None, 1)
+            return
+        threads = futures.ThreadPoolExecutor(self.lookup_threads, thread_name_prefix="shardkit-lookup")
+        try:
+            yield from bounded_map(look_up, tagged, threads, _LOOKAHEAD_PER_THREAD * self.lookup_threads)
+        finally:
+            threads.shutdown(wait=False, cancel_futures=True)
+
+    def _plan_record(self, record: Record, facts: ImageFacts) -> PlannedRecord | Skip:
         def skip(reason: str, detail: str) -> Skip:
             return Skip(record.index, record.path, reason, detail)
 
         if record.escapes_root:
             return skip(PATH_OUTSIDE_ROOT, f"path {record.path!r} leaves the image root")
         norm = record.normalized_path
-        if norm in self._seen_paths:
+        if record.repeats_earlier_path or norm in self._seen_paths:
             return skip(DUPLICATE_PATH, f"path {record.path!r} was already read earlier in the source")
         self._seen_paths.add(norm)
         key = record.key
@@ -153,12 +219,10 @@ class Planner:
             expected_hw = (height, width)
             if width * height > self.config.max_image_pixels:
                 return skip("too_many_pixels", f"metadata says {width}x{height}, over the limit of {self.config.max_image_pixels} pixels")
+        elif facts.header_skip is not None:
+            return skip(facts.header_skip.reason, facts.header_skip.detail)
         else:
-            try:
-                header = read_header(record.location, self.config.max_image_pixels)
-            except ImageSkip as exc:
-                return skip(exc.reason, exc.detail)
-            width, height = header.width, header.height
+            width, height = facts.header.width, facts.header.height
 
         ratio = height / width
         if max(ratio, 1.0 / ratio) > self.config.max_ratio:
@@ -168,7 +232,8 @@ class Planner:
         bucket = self.table.closest(height, width)
         token_ids = {name: np.asarray(self.tokenize(text), dtype=np.int32) for name, text in captions.items()}
         return PlannedRecord(record=record, key=key, bucket=bucket, captions=captions, token_ids=token_ids,
-                             expected_hw=expected_hw, planned_bytes=self._planned_bytes(record, bucket, token_ids))
+                             expected_hw=expected_hw,
+                             planned_bytes=self._planned_bytes(record, facts, bucket, token_ids))
 
     def _captions(self, record: Record) -> dict[str, str] | tuple[str, str]:
         """The caption fields to encode: the first configured field is required, the rest optional."""
@@ -191,15 +256,13 @@ class Planner:
                 chosen[name] = extra
         return chosen
 
-    def _planned_bytes(self, record: Record, bucket: Bucket, token_ids: dict[str, np.ndarray]) -> int:
+    def _planned_bytes(self, record: Record, facts: ImageFacts, bucket: Bucket,
+                       token_ids: dict[str, np.ndarray]) -> int:
         """An upper bound of the sample's bytes in the tar."""
         size = _METADATA_ALLOWANCE + 2 * _TAR_MEMBER_OVERHEAD
         size += sum(len(t.encode("utf-8")) for t in record.captions.values() if isinstance(t, str))
-        if self.config.keep_images:
-            try:
-                size += record.location.stat().st_size + _TAR_MEMBER_OVERHEAD
-            except OSError:
-                pass  # a missing file is found and recorded by the decode stage
+        if self.config.keep_images and facts.file_bytes is not None:
+            size += facts.file_bytes + _TAR_MEMBER_OVERHEAD
         latent = math.prod(self.latent_shape(bucket.height, bucket.width)) * self.feature_itemsize
         size += latent + _NPY_HEADER + _TAR_MEMBER_OVERHEAD
         for ids in token_ids.values():

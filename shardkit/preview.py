@@ -511,8 +511,8 @@ def render_preview(shard_set: ShardSet, destination: str, thumbs_per_bucket: int
         note = "thumbnails: the stored images, resized and cropped as they were encoded"
     else:
         source = LATENT_CHANNELS
-        note = (f"thumbnails: latent channels 1-3 of the posterior mean shown as RGB, not pictures: this build left "
-                f"its images out; pass --decode-with VAE to decode them")
+        note = ("thumbnails: latent channels 1-3 of the posterior mean shown as RGB, not pictures: this build left "
+                "its images out; pass --decode-with VAE to decode them")
     buckets = summary.buckets
     layout = preview_layout(len(buckets), thumbs_per_bucket)
     thumbnails = [_thumbnails(shard_set, b.bucket, [b.height, b.width], thumbs_per_bucket, source, decoder) for b in buckets]

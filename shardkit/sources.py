@@ -45,6 +45,8 @@ class Record:
     width: int | None = None  # from the metadata; None means "read the image header"
     height: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # Set when an earlier record of the source (possibly on another rank) has the same path.
+    repeats_earlier_path: bool = False
 
     @property
     def normalized_path(self) -> str:

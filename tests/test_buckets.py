@@ -8,7 +8,7 @@ import pytest
 
 from shardkit.buckets import BucketTable, aspect_table
 from shardkit.config import BuildConfig
-from shardkit.plan import EXTREME_ASPECT_RATIO, Planner
+from shardkit.plan import EXTREME_ASPECT_RATIO, ImageFacts, Planner
 from shardkit.sources import Record
 
 KEYS_COMMON = ["0.25", "0.26", "0.27", "0.28", "0.32", "0.33", "0.35", "0.4", "0.42", "0.48", "0.5", "0.52",
@@ -94,7 +94,7 @@ def test_ratio_filter(width, height, kept, tmp_path):
     planner = Planner(config, BucketTable(512), tokenize=lambda text: [1], latent_shape=lambda h, w: (8, h // 8, w // 8),
                       hidden_size=4)
     record = Record(index=0, path="a.jpg", image_root=tmp_path, captions={"prompt": "x"}, width=width, height=height)
-    result = planner._plan_record(record)
+    result = planner._plan_record(record, ImageFacts())
     if kept:
         assert result.bucket.key == BucketTable(512).closest(height, width).key
     else:

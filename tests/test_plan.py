@@ -1,0 +1,106 @@
+"""Planning: image lookups ahead of the planner, in order, and rank-split duplicates."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+import shardkit.plan as plan_module
+from shardkit.buckets import BucketTable
+from shardkit.config import BuildConfig
+from shardkit.distributed import RankInfo, split_records
+from shardkit.plan import DUPLICATE_PATH, ImageFacts, Planner
+from shardkit.sources import Record
+
+SIZES = [(512, 512), (384, 640), (640, 384), (512, 512), (300, 900), (900, 300), (512, 512), (480, 640)]
+
+
+def _records(tmp_path, paths=None) -> list[Record]:
+    paths = paths or [f"img{i}.jpg" for i in range(len(SIZES) * 4)]
+    return [Record(index=i, path=path, image_root=tmp_path, captions={"prompt": f"caption {i}"},
+                   width=SIZES[i % len(SIZES)][1], height=SIZES[i % len(SIZES)][0])
+            for i, path in enumerate(paths)]
+
+
+def _planner(lookup_threads: int = 0, **config) -> Planner:
+    options = dict(shard_max_count=3, keep_images=False)
+    options.update(config)
+    return Planner(BuildConfig(**options), BucketTable(512), tokenize=lambda text: [len(text), 1],
+                   latent_shape=lambda h, w: (8, h // 8, w // 8), hidden_size=4, lookup_threads=lookup_threads)
+
+
+def _summary(planner: Planner, records) -> list[tuple[str, list[int]]]:
+    return [(plan.name, [p.record.index for p in plan.records]) for plan in planner.plan(records)]
+
+
+def test_lookups_run_ahead_on_threads_and_plans_stay_in_order(tmp_path, monkeypatch):
+    records = _records(tmp_path)
+    inline = _summary(_planner(), records)
+    # Four lookups must be in flight at once to pass the barrier: one at a time would break it.
+    barrier = threading.Barrier(4, timeout=20)
+    in_flight = []
+
+    def slow_lookup(record, keep_images, max_pixels):
+        in_flight.append(record.index)
+        if record.index < 4:
+            barrier.wait()
+        return ImageFacts()
+
+    monkeypatch.setattr(plan_module, "look_up_image", slow_lookup)
+    threaded = _summary(_planner(lookup_threads=4), records)
+    assert threaded == inline
+    assert sorted(in_flight) == list(range(len(records)))
+
+
+def test_lookup_errors_surface_in_record_order(tmp_path, monkeypatch):
+    records = _records(tmp_path)
+
+    def failing_lookup(record, keep_images, max_pixels):
+        if record.index == 5:
+            raise RuntimeError("storage endpoint went away")
+        return ImageFacts()
+
+    monkeypatch.setattr(plan_module, "look_up_image", failing_lookup)
+    planner = _planner(lookup_threads=4, shard_max_count=1000)
+    with pytest.raises(RuntimeError, match="went away"):
+        list(planner.plan(records))
+    assert planner.stats.records_read == 5  # records 0-4 were planned, in order, before the error
+
+
+def test_image_size_from_lookup_bounds_the_shard_bytes(tmp_path):
+    (tmp_path / "big.jpg").write_bytes(b"\xff" * 300_000)
+    (tmp_path / "small.jpg").write_bytes(b"\xff" * 1000)
+    records = [Record(index=i, path=name, image_root=tmp_path, captions={"prompt": "x"}, width=512, height=512)
+               for i, name in enumerate(["big.jpg", "small.jpg"])]
+    with_images = [p.planned_bytes for plan in _planner(keep_images=True).plan(records) for p in plan.records]
+    without = [p.planned_bytes for plan in _planner(keep_images=False).plan(records) for p in plan.records]
+    assert with_images[0] - without[0] > 300_000 > with_images[1] - without[1] > 1000
+
+
+def test_rank_split_duplicates_hold_with_lookahead(tmp_path, monkeypatch):
+    """Rank 0 of 2 holds records 0, 2, 4, ...; records 2 and 4 share a path, and so do 3 (rank 1)
+    and 6 (rank 0). A one-process build writes the first of each and skips the later one."""
+    paths = [f"img{i}.jpg" for i in range(12)]
+    paths[4] = paths[2]
+    paths[6] = paths[3]
+    records = _records(tmp_path, paths)
+    monkeypatch.setattr(plan_module, "look_up_image", lambda record, keep_images, max_pixels: ImageFacts())
+    for threads in (0, 4):
+        planner = _planner(lookup_threads=threads, shard_max_count=1000)
+        planned = [p.record.index for plan in planner.plan(split_records(iter(records), RankInfo(rank=0, world_size=2)))
+                   for p in plan.records]
+        skipped = {s.index: s.reason for s in planner.stats.skips}
+        assert skipped == {4: DUPLICATE_PATH, 6: DUPLICATE_PATH}, threads
+        assert sorted(planned) == [0, 2, 8, 10], threads
+
+
+def test_each_skip_is_reported_once(tmp_path):
+    records = _records(tmp_path)
+    records[3].captions = {}  # missing caption
+    records[7].width, records[7].height = 100, 1000  # extreme ratio
+    reported = []
+    planner = Planner(BuildConfig(keep_images=False), BucketTable(512), tokenize=lambda text: [1],
+                      latent_shape=lambda h, w: (8, h // 8, w // 8), hidden_size=4, on_skip=reported.append)
+    list(planner.plan(records))
+    assert [s.index for s in reported] == [3, 7] == [s.index for s in planner.stats.skips]

@@ -56,9 +56,9 @@ class CaptionMaker:
     """Captions with an exact token count under the given tokenizer (whitespace-split words)."""
 
     def __init__(self, tokenizer):
-        from shardkit.tiny_models import _CORPUS
+        from shardkit.tiny_models import TOKENIZER_CORPUS
 
-        words = _CORPUS.split()
+        words = TOKENIZER_CORPUS.split()
         # T5's pre-tokenizer splits on whitespace first, so a text's token count is the sum of
         # its words' counts plus the end-of-sequence token.
         self.words = words

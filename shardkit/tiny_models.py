@@ -57,7 +57,7 @@ _BASE_CHARS = (
 )
 
 # Written for this module: varied descriptive English in the style of image captions.
-_CORPUS = """\
+TOKENIZER_CORPUS = """\
 A quiet mountain lake at sunrise, with mist drifting over the still water and pine trees along the shore.
 The snow-capped peaks glow pink and orange in the first light of the morning.
 A wide green valley stretches toward distant hills under a pale blue sky dotted with white clouds.
@@ -207,7 +207,7 @@ def write_tiny_models(dest: Path, seed: int = 0, force: bool = False) -> Path:
 
 
 def _build_tokenizer():
-    """A T5-style Unigram tokenizer over a vocabulary counted from `_CORPUS`.
+    """A T5-style Unigram tokenizer over a vocabulary counted from `TOKENIZER_CORPUS`.
 
     We count pieces ourselves instead of running a `tokenizers` trainer: the trainers
     run multi-threaded and do not promise byte-identical output across thread counts or
@@ -217,7 +217,7 @@ def _build_tokenizer():
     from transformers import T5TokenizerFast
 
     vocab = [(PAD, 0.0), (EOS, 0.0), (UNK, 0.0)]
-    vocab += _count_pieces(_CORPUS, VOCAB_SIZE - len(vocab) - EXTRA_IDS)
+    vocab += _count_pieces(TOKENIZER_CORPUS, VOCAB_SIZE - len(vocab) - EXTRA_IDS)
     # T5 keeps its sentinels at the very end, <extra_id_0> last.
     vocab += [(token, 0.0) for token in reversed(EXTRA_TOKENS)]
 

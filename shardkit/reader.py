@@ -26,8 +26,10 @@ in.
 Shards come from local paths or any fsspec URL (``http(s)://``, ``s3://``, ...) with timeouts,
 retries with exponential backoff and an optional local cache. A shard that cannot be read is
 skipped with a warning (``on_error="skip"``) or stops training with a clear error
-(``on_error="raise"``). Nothing is ever unpickled: ``.npy`` members are read with
-``allow_pickle=False`` and no other member is decoded.
+(``on_error="raise"``). Nothing is ever unpickled: a ``.npy`` member holding Python objects is
+refused (``allow_pickle=False`` semantics) and no other member is decoded. Only the members a
+batch uses are read: from local files (and the download cache) the image, the ``.txt`` and the
+caption fields not drawn are skipped unread.
 """
 
 from __future__ import annotations
@@ -37,10 +39,13 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import posixpath
 import random
 import re
+import stat
+import sys
 import tarfile
 import threading
 import time
@@ -61,6 +66,8 @@ log = logging.getLogger(__name__)
 
 LAYOUTS = ("tuple", "dict")
 LATENT_MODES = ("sample", "mean")
+CAPTION_PADDINGS = ("max_length", "longest")
+_FLOAT32_EXACT = (torch.float16, torch.bfloat16, torch.float32)  # dtypes float32 holds exactly
 ERROR_POLICIES = ("skip", "raise")
 
 # WebDataset's rule: the key is the member path up to the first dot of its basename.
@@ -126,12 +133,72 @@ def caption_mask(length: int, max_length: int, dtype: np.dtype | type = np.int16
     return mask
 
 
-def read_npy(payload: bytes, what: str) -> np.ndarray:
-    """A ``.npy`` payload as an array; pickled (object) arrays and other formats are refused."""
+# Parsed .npy headers, keyed by the header's bytes: a shard repeats a few headers (one per
+# latent shape and per token length), and parsing one costs more than reading the array.
+_NPY_LAYOUTS: dict[bytes, tuple[np.dtype, tuple[int, ...], bool, int]] = {}
+_NPY_LAYOUTS_LIMIT = 4096
+
+
+def _npy_layout(payload: bytes, what: str) -> tuple[np.dtype, tuple[int, ...], bool, int] | None:
+    """(dtype, shape, fortran_order, data offset) of a ``.npy`` payload, from its header; None
+    for a format version this does not parse (numpy then reads the payload)."""
+    if payload[:6] != b"\x93NUMPY" or len(payload) < 10:
+        raise ShardFormatError(f"{what} is not a plain .npy array: it does not start with the .npy magic string")
+    major = payload[6]
+    if major == 1:
+        offset = 10 + int.from_bytes(payload[8:10], "little")
+    elif len(payload) >= 12:
+        offset = 12 + int.from_bytes(payload[8:12], "little")
+    else:
+        offset = len(payload) + 1
+    header = payload[:offset]
+    layout = _NPY_LAYOUTS.get(header)
+    if layout is None:
+        if len(header) < offset:
+            raise ShardFormatError(f"{what} is not a plain .npy array: its header is cut short")
+        version = (major, payload[7])
+        if version not in ((1, 0), (2, 0)):  # 3.0 (utf-8 field names) and unknown versions
+            return None
+        try:
+            reader = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            shape, fortran_order, dtype = reader(io.BytesIO(header[8:]))
+        except (ValueError, OSError, EOFError) as exc:
+            raise ShardFormatError(f"{what} is not a plain .npy array: {exc}") from None
+        layout = (dtype, tuple(shape), bool(fortran_order), offset)
+        if len(_NPY_LAYOUTS) >= _NPY_LAYOUTS_LIMIT:
+            _NPY_LAYOUTS.clear()
+        _NPY_LAYOUTS[header] = layout
+    return layout
+
+
+def read_npy_uncached(payload: bytes, what: str) -> np.ndarray:
+    """``read_npy`` by ``numpy.lib.format.read_array``: every header parsed anew."""
     try:
         return np.lib.format.read_array(io.BytesIO(payload), allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
         raise ShardFormatError(f"{what} is not a plain .npy array: {exc}") from None
+
+
+def read_npy(payload: bytes, what: str) -> np.ndarray:
+    """A ``.npy`` payload as an array (a read-only view of ``payload``); pickled (object)
+    arrays, malformed headers and short data are refused with a ShardFormatError."""
+    layout = _npy_layout(payload, what)
+    if layout is None:
+        return read_npy_uncached(payload, what)
+    dtype, shape, fortran_order, offset = layout
+    if dtype.hasobject:
+        raise ShardFormatError(f"{what} is not a plain .npy array: it holds Python objects, "
+                               f"which only unpickling could load (shardkit never unpickles)")
+    count = math.prod(shape)
+    needed = count * dtype.itemsize
+    if len(payload) - offset < needed:
+        raise ShardFormatError(f"{what} is not a plain .npy array: its data holds {len(payload) - offset} bytes, "
+                               f"its header needs {needed}")
+    try:
+        array = np.frombuffer(payload, dtype=dtype, count=count, offset=offset)
+    except ValueError as exc:  # e.g. a zero-size dtype
+        raise ShardFormatError(f"{what} is not a plain .npy array: {exc}") from None
+    return array.reshape(shape[::-1]).transpose() if fortran_order else array.reshape(shape)
 
 
 def _derive_seed(*parts: Any) -> int:
@@ -222,6 +289,298 @@ def is_transient(exc: BaseException, url: str) -> bool:
 
 
 # ---- tar streams -> samples ----------------------------------------------------------------
+#
+# Tar headers are parsed here rather than by ``tarfile``: a training step reads a few members
+# of each sample (the .json, the latent and one caption field's T5 rows) and its stream reader
+# would read every byte of the others (images, other caption fields) in small chunks. Local
+# files are read with ``os.pread`` at offsets kept here, so skipped members cost nothing;
+# streams that cannot seek (HTTP) are read and discarded in large chunks.
+
+_BLOCK = 512
+_END_OF_ARCHIVE = bytes(_BLOCK)
+_SKIP_CHUNK = 1 << 20
+_READ_AHEAD = 8192
+_READ_AHEAD_STREAM = 1 << 16
+_REGULAR_TYPES = (b"0", b"\0", b"7")  # regular, old-style regular, contiguous file
+_DATALESS_TYPES = (b"1", b"2", b"3", b"4", b"5", b"6")  # links, devices, folders, fifos: size counts no data
+_PAX_TYPES = (b"x", b"g", b"X")  # pax extended header (per member, global, Solaris)
+_GNU_TYPES = (b"L", b"K", b"S")  # GNU long name, long link, sparse file: no ustar prefix
+
+
+class ShardTruncatedError(EOFError):
+    """A tar ends inside a member or before its end-of-archive blocks (cut short). An EOFError:
+    for a remote shard it may be a dropped connection, so it is retried."""
+
+
+class _LocalTarBytes:
+    """A tar in a local file, read with ``os.pread`` at an offset kept here: skipping a member
+    only moves the offset, so its bytes are never read. Small reads (headers, the .json) come
+    from a read-ahead window, so a run of small members costs one system call."""
+
+    def __init__(self, fd: int, start: int, end: int):
+        self.fd, self.start, self.position, self.end = fd, start, start, end
+        self._window, self._window_start = b"", start
+
+    def peek(self, size: int) -> bytes:
+        return os.pread(self.fd, size, self.position)
+
+    def read(self, size: int) -> bytes:
+        if size <= 0:
+            return b""
+        at = self.position - self._window_start
+        if 0 <= at and at + size <= len(self._window):
+            data = self._window[at:at + size]
+        elif size >= _READ_AHEAD:
+            data = self._pread(size)
+        else:
+            self._window, self._window_start = self._pread(_READ_AHEAD), self.position
+            data = self._window[:size]
+        self.position += len(data)
+        return data
+
+    def _pread(self, size: int) -> bytes:
+        data = os.pread(self.fd, size, self.position)
+        if 0 < len(data) < size:  # a regular file reads short only at its end; make sure
+            data += os.pread(self.fd, size - len(data), self.position + len(data))
+        return data
+
+    def skip(self, size: int) -> int:
+        skipped = max(0, min(size, self.end - self.position))
+        self.position += skipped
+        return skipped
+
+
+class _StreamTarBytes:
+    """A tar on a stream that cannot seek (an HTTP body, a decompressor): read front to back in
+    chunks of ``_READ_AHEAD_STREAM`` (headers and small members come from the chunk already
+    read; each read of a remote stream has a fixed cost), skipped bytes read and dropped."""
+
+    def __init__(self, fileobj: BinaryIO):
+        self.fileobj, self.start, self.position = fileobj, 0, 0
+        self._buffer, self._at = b"", 0  # the bytes read ahead are self._buffer[self._at:]
+
+    def _read_raw(self, size: int) -> bytes:
+        # A stream may return fewer bytes than asked (aiohttp returns what has arrived).
+        parts, got = [], 0
+        while got < size:
+            chunk = self.fileobj.read(size - got)
+            if not chunk:
+                break
+            parts.append(chunk)
+            got += len(chunk)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _fill(self, size: int) -> None:
+        """At least ``size`` bytes read ahead, unless the stream ends first."""
+        ahead = len(self._buffer) - self._at
+        if ahead < size:
+            self._buffer = self._buffer[self._at:] + self._read_raw(max(size - ahead, _READ_AHEAD_STREAM))
+            self._at = 0
+
+    def peek(self, size: int) -> bytes:
+        self._fill(size)
+        return self._buffer[self._at:self._at + size]
+
+    def read(self, size: int) -> bytes:
+        ahead = len(self._buffer) - self._at
+        if size > ahead and size >= _READ_AHEAD_STREAM:  # a big member: what is ahead, then the rest
+            data = self._buffer[self._at:] + self._read_raw(size - ahead)
+            self._buffer, self._at = b"", 0
+        else:
+            self._fill(size)
+            data = self._buffer[self._at:self._at + size]
+            self._at += len(data)
+        self.position += len(data)
+        return data
+
+    def skip(self, size: int) -> int:
+        taken = min(size, len(self._buffer) - self._at)
+        self._at += taken
+        left = size - taken
+        while left > 0:
+            chunk = self.fileobj.read(min(left, _SKIP_CHUNK))
+            if not chunk:
+                break
+            left -= len(chunk)
+        self.position += size - left
+        return size - left
+
+
+def _tar_bytes(fileobj: BinaryIO) -> _LocalTarBytes | _StreamTarBytes:
+    """The tar's bytes from the file object's current position, decompressed if the stream is
+    gzip, bzip2 or xz (as ``tarfile``'s ``r|*`` mode detects them)."""
+    source: _LocalTarBytes | _StreamTarBytes
+    try:
+        fd = fileobj.fileno()
+        status = os.fstat(fd)
+        local = stat.S_ISREG(status.st_mode)
+    except (AttributeError, OSError, ValueError):  # not an OS file (io.UnsupportedOperation is both)
+        local = False
+    if local:
+        source = _LocalTarBytes(fd, fileobj.tell(), status.st_size)
+    else:
+        source = _StreamTarBytes(fileobj)
+    magic = source.peek(10)
+    if magic.startswith(b"\x1f\x8b\x08"):
+        import gzip
+
+        opener: Callable[[BinaryIO], BinaryIO] = lambda raw: gzip.GzipFile(fileobj=raw, mode="rb")
+    elif magic[:3] == b"BZh" and magic[4:10] == b"1AY&SY":
+        import bz2
+
+        opener = bz2.BZ2File
+    elif magic.startswith((b"\x5d\x00\x00\x80", b"\xfd7zXZ")):
+        import lzma
+
+        opener = lzma.LZMAFile
+    else:
+        return source
+    # The decompressor reads the compressed bytes through ``source`` (which replays what was peeked).
+    return _StreamTarBytes(opener(source))  # type: ignore[arg-type]
+
+
+def _header_text(field: bytes) -> str:
+    return field.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+
+
+def _header_number(field: bytes) -> int:
+    """A numeric header field: octal digits, or GNU's base-256 (first byte 0x80 or 0xff)."""
+    if field[0] in (0o200, 0o377):
+        value = int.from_bytes(field[1:], "big")
+        return value - 256 ** (len(field) - 1) if field[0] == 0o377 else value
+    return int(field.split(b"\0", 1)[0].strip() or b"0", 8)  # ValueError when damaged
+
+
+def _parse_header(block: bytes, offset: int) -> tuple[str, int, bytes]:
+    """(name, size, type) of a 512-byte tar header whose checksum is right."""
+    try:
+        checksum = _header_number(block[148:156])
+    except ValueError:
+        checksum = -1
+    # The checksum counts its own field as eight spaces; some tars sum signed bytes.
+    unsigned = 256 + sum(block) - sum(block[148:156])
+    if checksum != unsigned and checksum != unsigned - 256 * sum(byte >= 128 for byte in block[:148] + block[156:]):
+        what = "not a tar file (its first header is damaged)" if offset == 0 else f"the tar header at byte {offset} is damaged"
+        raise ShardFormatError(f"{what}: bad checksum, the members from there on cannot be read")
+    try:
+        size = _header_number(block[124:136])
+    except ValueError:
+        size = -1
+    if size < 0:
+        raise ShardFormatError(f"the tar header at byte {offset} gives no usable member size")
+    kind = block[156:157]
+    name = _header_text(block[0:100])
+    if block[345] and kind not in _GNU_TYPES:  # ustar: a long name is split into prefix/name
+        name = f"{_header_text(block[345:500])}/{name}"
+    return name, size, kind
+
+
+def _pax_records(payload: bytes, offset: int) -> dict[str, str]:
+    """The ``"%d %s=%s\\n"`` records of a pax extended header."""
+    records: dict[str, str] = {}
+    position = 0
+    try:
+        while position < len(payload) and payload[position] != 0:
+            space = payload.index(b" ", position)
+            length = int(payload[position:space])
+            record = payload[space + 1:position + length]
+            if length <= 0 or not record.endswith(b"\n"):
+                raise ValueError("bad record length")
+            keyword, _, value = record[:-1].partition(b"=")
+            records[keyword.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
+            position += length
+    except ValueError:
+        raise ShardFormatError(f"the pax header at byte {offset} is damaged") from None
+    return records
+
+
+class TarMembers:
+    """The regular members of a tar, front to back: ``next()`` gives each one's (name, size);
+    ``payload()`` reads the data of the member just given, and a member whose payload is not
+    read is skipped. Names are resolved as ``tarfile`` resolves them (ustar prefix, GNU long
+    names, pax ``path``/``size``); folders, links and the like are passed over.
+
+    A damaged header (its checksum does not match) is a ShardFormatError; a tar that ends inside
+    a member, inside a header, or before its end-of-archive block is a ShardTruncatedError.
+    """
+
+    def __init__(self, fileobj: BinaryIO):
+        self._bytes = _tar_bytes(fileobj)
+        self._pending = 0  # bytes of the current member (data and padding) not consumed
+        self._size = 0
+        self._name = ""
+        self._global_pax: dict[str, str] = {}
+
+    @property
+    def offset(self) -> int:
+        """Bytes of the tar consumed so far."""
+        return self._bytes.position - self._bytes.start
+
+    def _consume(self, size: int) -> bytes:
+        data = self._bytes.read(size)
+        if len(data) < size:
+            raise ShardTruncatedError(f"the tar ends inside member {self._name!r} at byte {self.offset}: "
+                                      f"the shard was cut short")
+        return data
+
+    def next(self) -> tuple[str, int] | None:
+        """The next regular member's (name, size), or None at the end of the archive."""
+        long_name: str | None = None
+        pax: dict[str, str] = {}
+        while True:
+            if self._pending:
+                if self._bytes.skip(self._pending) < self._pending:
+                    raise ShardTruncatedError(f"the tar ends inside member {self._name!r} at byte {self.offset}: "
+                                              f"the shard was cut short")
+                self._pending = 0
+            offset = self.offset
+            block = self._bytes.read(_BLOCK)
+            if len(block) < _BLOCK:
+                if offset == 0 and not block:
+                    raise ShardTruncatedError("the shard is empty")
+                raise ShardTruncatedError(f"the tar stops at byte {offset + len(block)} without its end-of-archive "
+                                          f"block: the shard was cut short")
+            if block == _END_OF_ARCHIVE:
+                return None
+            name, size, kind = _parse_header(block, offset)
+            self._name = name
+            padded = size + (-size) % _BLOCK
+            if kind in _REGULAR_TYPES and not (kind == b"\0" and name.endswith("/")):
+                extended = {**self._global_pax, **pax}
+                if long_name is not None:
+                    name = long_name
+                if "path" in extended:
+                    name = extended["path"]
+                if "size" in extended:
+                    try:
+                        size = int(extended["size"])
+                    except ValueError:
+                        raise ShardFormatError(f"the pax header before byte {offset} gives size "
+                                               f"{extended['size']!r}") from None
+                    padded = size + (-size) % _BLOCK
+                self._name, self._size, self._pending = name, size, padded
+                return name, size
+            if kind in _PAX_TYPES:
+                records = _pax_records(self._consume(padded)[:size], offset)
+                (self._global_pax if kind == b"g" else pax).update(records)
+            elif kind == b"L":
+                long_name = _header_text(self._consume(padded)[:size])
+            elif kind == b"S":
+                raise ShardFormatError(f"member {name!r} is a sparse file, which shards never hold")
+            elif kind == b"K":  # a GNU long link name: it belongs to the next header
+                self._pending = padded
+            else:  # a folder, link, device or unknown type: passed over with its long name or pax records
+                long_name, pax = None, {}
+                if kind not in _DATALESS_TYPES and kind != b"\0":  # (b"\0" here: an old-style folder, "name/")
+                    self._pending = padded  # unknown types are read as data-carrying, as tarfile reads them
+
+    def payload(self) -> bytes:
+        """The data of the member ``next()`` gave last (once)."""
+        data = self._consume(self._size)
+        self._pending -= self._size
+        self._size = 0
+        return data
+
 
 @dataclass
 class TarSample:
@@ -231,44 +590,45 @@ class TarSample:
 
 
 def iter_tar_samples(fileobj: BinaryIO, start: int = 0, stop: int | None = None,
-                     want: Callable[[str], bool] | None = None) -> Iterator[TarSample]:
+                     want: Callable[[str, str], bool] | None = None) -> Iterator[TarSample]:
     """The samples of a tar stream, grouped as WebDataset groups them: a sample is a run of
     adjacent members sharing a key. A key that comes back after another key is an error (its
     members are not adjacent), as is a suffix repeated within a sample.
 
     Samples before ``start`` are counted but not read; reading stops once sample ``stop - 1``
-    is complete. ``want(suffix)`` selects the members whose bytes are kept.
+    is complete. ``want(key, suffix)`` selects the members whose bytes are kept; the others are
+    skipped without being read where the file allows it (local files).
     """
     seen: set[str] = set()
     key: str | None = None
     index = -1
     members: dict[str, bytes] = {}
     suffixes: set[str] = set()
-    with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
-        for info in tar:
-            if not info.isreg() or _META_MEMBER.match(info.name):
-                continue
-            parsed = split_member_name(info.name)
-            if parsed is None:
-                continue
-            member_key, suffix = parsed[0], parsed[1].lower()
-            if member_key != key:
-                if key is not None and index >= start:
-                    yield TarSample(index, key, members)
-                if member_key in seen:
-                    raise ShardFormatError(f"the members of sample {member_key!r} are not adjacent in the tar")
-                seen.add(member_key)
-                key, index, members, suffixes = member_key, index + 1, {}, set()
-                if stop is not None and index >= stop:
-                    return
-            if suffix in suffixes:
-                raise ShardFormatError(f"sample {key!r} has two members with suffix {suffix!r}")
-            suffixes.add(suffix)
-            if index >= start and (want is None or want(suffix)):
-                handle = tar.extractfile(info)
-                members[suffix] = handle.read() if handle is not None else b""
-        if key is not None and index >= start and (stop is None or index < stop):
-            yield TarSample(index, key, members)
+    tar = TarMembers(fileobj)
+    while (member := tar.next()) is not None:
+        name = member[0]
+        if _META_MEMBER.match(name):
+            continue
+        parsed = split_member_name(name)
+        if parsed is None:
+            continue
+        member_key, suffix = parsed[0], parsed[1].lower()
+        if member_key != key:
+            if key is not None and index >= start:
+                yield TarSample(index, key, members)
+            if member_key in seen:
+                raise ShardFormatError(f"the members of sample {member_key!r} are not adjacent in the tar")
+            seen.add(member_key)
+            key, index, members, suffixes = member_key, index + 1, {}, set()
+            if stop is not None and index >= stop:
+                return
+        if suffix in suffixes:
+            raise ShardFormatError(f"sample {key!r} has two members with suffix {suffix!r}")
+        suffixes.add(suffix)
+        if index >= start and (want is None or want(key, suffix)):
+            members[suffix] = tar.payload()
+    if key is not None and index >= start and (stop is None or index < stop):
+        yield TarSample(index, key, members)
 
 
 # ---- where shards come from ----------------------------------------------------------------
@@ -449,7 +809,7 @@ class ShardStore:
             buckets: set[str] = set()
             samples = 0
             with self.open_shard(ShardInfo(url, "", 0)) as fileobj:
-                for raw in iter_tar_samples(fileobj, want=lambda suffix: suffix == "json"):
+                for raw in iter_tar_samples(fileobj, want=lambda key, suffix: suffix == "json"):
                     bucket = _metadata(raw).get("bucket")
                     if not isinstance(bucket, str):
                         raise ShardFormatError(f"sample {raw.key!r}: its .json names no bucket")
@@ -677,10 +1037,6 @@ def choose_caption_field(fields: Sequence[str], available: Iterable[str], real_p
     return fields[0]
 
 
-def _training_member(suffix: str) -> bool:
-    return suffix == "json" or suffix == "latent.npy" or suffix.startswith("t5_")
-
-
 def _shuffled(items: Iterator[Any], buffer_size: int, rng: random.Random) -> Iterator[Any]:
     """A shuffle buffer: once ``buffer_size`` items are held, each new item replaces a random one."""
     if buffer_size <= 1:
@@ -709,6 +1065,63 @@ def _full_batches(samples: Iterator[DecodedSample], batch_size: int,
             buffer.clear()
 
 
+class BatchBuffers:
+    """Where the big tensors of a batch are allocated.
+
+    - In a DataLoader worker: in shared memory, as torch's own collate does, so sending the
+      batch to the training process copies nothing.
+    - Elsewhere, buffers of ``pool_min_bytes`` or more are cut from a few pooled blocks: a
+      block is used again once nothing refers to it any more (no batch, view, storage or numpy
+      array made from it), and a smaller batch (a bucket's tail) takes the front of a bigger
+      free block. A fresh buffer of tens of MB is mapped page by page and zero-filled by the
+      kernel, which costs several times more than filling it.
+    """
+
+    def __init__(self, pool_size: int = 6, pool_min_bytes: int = 1 << 20):
+        self.pool_size = pool_size
+        self.pool_min_bytes = pool_min_bytes
+        self._pool: list[np.ndarray] = []  # flat uint8 blocks
+        self._lock = threading.Lock()  # a block is chosen and taken (viewed) in one step
+        holder = [object()]
+        self._free_refs = sys.getrefcount(holder[0])  # the count of a pooled block nobody else holds
+
+    def reused(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """An uninitialised array, cut from a free pooled block when one is big enough."""
+        dtype = np.dtype(dtype)
+        size = math.prod(shape) * dtype.itemsize
+        if size < self.pool_min_bytes:
+            return np.empty(shape, dtype)
+        with self._lock:
+            fit = spare = None
+            for index in range(len(self._pool)):
+                if sys.getrefcount(self._pool[index]) != self._free_refs:
+                    continue  # a batch (or something made from it) still holds this block
+                block_size = self._pool[index].size
+                if block_size >= size and (fit is None or block_size < self._pool[fit].size):
+                    fit = index
+                elif block_size < size:
+                    spare = index
+            if fit is not None:
+                block = self._pool[fit]
+            else:
+                block = np.empty(size, np.uint8)
+                if len(self._pool) < self.pool_size:
+                    self._pool.append(block)
+                elif spare is not None:
+                    self._pool[spare] = block  # a free block too small for this makes room
+            return block[:size].view(dtype).reshape(shape)  # a view: it holds the block while in use
+
+    def tensor(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialised tensor for a batch: shared in a DataLoader worker, else reused."""
+        if get_worker_info() is not None and hasattr(torch.UntypedStorage, "_new_shared"):
+            storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
+            return torch.empty(0, dtype=dtype).set_(storage).view(shape)
+        try:
+            return torch.from_numpy(self.reused(shape, torch.empty(0, dtype=dtype).numpy().dtype))
+        except TypeError:  # a dtype numpy lacks (bfloat16): same-sized integers, reinterpreted
+            return torch.from_numpy(self.reused(shape, np.dtype(f"u{dtype.itemsize}"))).view(dtype)
+
+
 class ShardReader(IterableDataset):
     """Batches of one aspect bucket each, from a shardkit build, ready for a PixArt-Σ training step.
 
@@ -718,7 +1131,7 @@ class ShardReader(IterableDataset):
     - ``batch[0]`` latent ``[B, C, h, w]``: ``mean + std * noise`` drawn from the stored posterior
       (``latent="sample"``) or its mean (``latent="mean"``); unscaled unless ``scale_factor``;
     - ``batch[1]`` caption features ``[B, 1, max_length, D]``, padded by repeating the last valid
-      row as PixArt's loader pads;
+      row as PixArt's loader pads (``caption_padding="longest"``: to the batch's longest caption);
     - ``batch[2]`` attention mask ``[B, 1, 1, max_length]`` (``mask_dtype``, int16 by default);
     - ``batch[3]`` ``{"img_hw": float32 [B, 2] original (height, width),
       "aspect_ratio": float32 [B] bucket ratio}``.
@@ -735,6 +1148,12 @@ class ShardReader(IterableDataset):
         dtype: float dtype of latents and features; None keeps the stored dtype (fp16 by default).
         mask_dtype: dtype of the attention mask.
         max_length: token length to pad to; default the build's T5 ``max_length``.
+        caption_padding: ``"max_length"`` (PixArt's layout: every batch is ``max_length`` tokens
+            long; PixArt's own models need it, their caption dropout swaps in a
+            ``max_length``-row null embedding) or ``"longest"``: pad to the batch's longest
+            caption (at most ``max_length``), for models that take any length with an
+            attention mask (diffusers' ``PixArtTransformer2DModel``): smaller batches, less to
+            copy and to attend over.
         caption_fields: one or two caption fields; default the build's first two.
         real_prompt_ratio: probability of the first caption field per sample (PixArt-Σ's
             ``real_prompt_ratio``); the second field is used otherwise, where the sample has it.
@@ -765,8 +1184,8 @@ class ShardReader(IterableDataset):
     def __init__(self, source: str | os.PathLike | Sequence[str], batch_size: int, *, latent: str = "sample",
                  scale_factor: float | None = None, dtype: torch.dtype | None = None,
                  mask_dtype: torch.dtype = torch.int16, max_length: int | None = None,
-                 caption_fields: Sequence[str] | None = None, real_prompt_ratio: float = 1.0,
-                 layout: str = "tuple", shuffle: bool = True, shuffle_buffer: int = 128, seed: int = 0,
+                 caption_padding: str = "max_length", caption_fields: Sequence[str] | None = None,
+                 real_prompt_ratio: float = 1.0, layout: str = "tuple", shuffle: bool = True, shuffle_buffer: int = 128, seed: int = 0,
                  drop_last: bool | None = None, rank: int | None = None, world_size: int | None = None,
                  resampled: bool = False, batches_per_epoch: int | None = None,
                  storage_options: dict[str, Any] | None = None, cache_dir: str | os.PathLike | None = None,
@@ -776,6 +1195,8 @@ class ShardReader(IterableDataset):
         _require(isinstance(batch_size, int) and batch_size >= 1, f"batch_size must be a positive integer, got {batch_size!r}")
         _require(latent in LATENT_MODES, f"latent must be one of {LATENT_MODES}, got {latent!r}")
         _require(layout in LAYOUTS, f"layout must be one of {LAYOUTS}, got {layout!r}")
+        _require(caption_padding in CAPTION_PADDINGS,
+                 f"caption_padding must be one of {CAPTION_PADDINGS}, got {caption_padding!r}")
         _require(0.0 <= real_prompt_ratio <= 1.0, f"real_prompt_ratio must be within [0, 1], got {real_prompt_ratio}")
         _require(shuffle_buffer >= 0, f"shuffle_buffer must be >= 0, got {shuffle_buffer}")
         _require((rank is None) == (world_size is None), "pass both rank and world_size, or neither")
@@ -795,6 +1216,7 @@ class ShardReader(IterableDataset):
         fields = tuple(caption_fields) if caption_fields else (self.info.caption_fields[:2] or ("prompt", "sharegpt4v"))
         _require(1 <= len(fields) <= 2, f"caption_fields takes one or two fields, got {list(fields)}")
         self.caption_fields = fields
+        self.caption_padding = caption_padding
         self.batch_size = batch_size
         self.latent = latent
         self.scale_factor = scale_factor
@@ -811,6 +1233,7 @@ class ShardReader(IterableDataset):
         self.epoch = 0
         self._rank = rank
         self._world_size = world_size
+        self._buffers = BatchBuffers()
 
     # -- public ------------------------------------------------------------------------------
     @property
@@ -850,7 +1273,12 @@ class ShardReader(IterableDataset):
         # Spawned DataLoader workers may not see the process group: pin the parent's rank.
         state = self.__dict__.copy()
         state["_rank"], state["_world_size"] = self.distributed()
+        del state["_buffers"]  # each process pools its own batch buffers
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._buffers = BatchBuffers()
 
     def __iter__(self) -> Iterator[Any]:
         rank, world = self.distributed()
@@ -884,8 +1312,8 @@ class ShardReader(IterableDataset):
                 raise ShardFormatError(f"sample {raw.key!r}: latent shape {list(moments.shape)}, "
                                        f"its .json says {meta['latent_shape']} ([2C, h, w])")
             available = [name for name in meta.get("t5_fields", []) if f"t5_{name}.npy" in raw.members]
-            draw = random.Random(_derive_seed(self.seed, epoch, raw.key, "caption")).random()
-            chosen = choose_caption_field(self.caption_fields, available, self.real_prompt_ratio, draw)
+            chosen = choose_caption_field(self.caption_fields, available, self.real_prompt_ratio,
+                                          self._caption_draw(raw.key, epoch))
             if chosen not in available:
                 raise ShardFormatError(f"sample {raw.key!r} has no T5 features for caption field {chosen!r}")
             feature = read_npy(raw.members[f"t5_{chosen}.npy"], f"{raw.key}.t5_{chosen}.npy")
@@ -900,10 +1328,33 @@ class ShardReader(IterableDataset):
         return DecodedSample(key=raw.key, bucket=bucket, original_hw=(height, width), moments=moments,
                              caption_field=chosen, prompt=prompt, caption_feature=feature)
 
+    def _caption_draw(self, key: str, epoch: int) -> float:
+        """The sample's draw for ``choose_caption_field``; with one field, or a ratio of 0 or 1,
+        the draw cannot change the choice and 0.0 stands for it."""
+        if len(self.caption_fields) < 2 or not 0.0 < self.real_prompt_ratio < 1.0:
+            return 0.0
+        return random.Random(_derive_seed(self.seed, epoch, key, "caption")).random()
+
+    def _member_filter(self, epoch: int) -> Callable[[str, str], bool]:
+        """The members ``_decode`` may use: the .json, the latent, the first caption field's T5
+        rows, and the second field's only where the sample's draw may choose it. The image,
+        the .txt and the other caption fields are skipped unread."""
+        first = f"t5_{self.caption_fields[0]}.npy"
+        second = f"t5_{self.caption_fields[1]}.npy" if len(self.caption_fields) > 1 else None
+        ratio = self.real_prompt_ratio
+
+        def want(key: str, suffix: str) -> bool:
+            if suffix == "json" or suffix == "latent.npy" or suffix == first:
+                return True
+            return suffix == second and self._caption_draw(key, epoch) >= ratio
+
+        return want
+
     def _piece_samples(self, pieces: Iterable[ShardPiece], epoch: int) -> Iterator[DecodedSample]:
+        want = self._member_filter(epoch)
         for piece in pieces:
             shard = piece.shard
-            yield from self.store.samples(shard, piece.start, piece.stop, _training_member,
+            yield from self.store.samples(shard, piece.start, piece.stop, want,
                                           lambda raw, shard=shard: self._decode(raw, shard, epoch))
 
     def _emit(self, samples: list[DecodedSample], epoch: int) -> Any:
@@ -986,28 +1437,58 @@ class ShardReader(IterableDataset):
             raise ValueError("a batch must hold samples of one bucket")
         count = len(samples)
         moments = torch.from_numpy(np.stack([s.moments for s in samples]))
+        channels = moments.shape[1] // 2
         float_dtype = self.dtype or moments.dtype
-        mean, std = moments.float().chunk(2, dim=1)
-        if self.latent == "sample":
-            noise = torch.empty_like(mean)
-            for i, sample in enumerate(samples):
-                noise[i].normal_(generator=torch.Generator().manual_seed(_derive_seed(self.seed, epoch, sample.key, "noise")))
-            latent = noise.mul_(std).add_(mean)
-        else:
-            latent = mean
-        if self.scale_factor is not None:
-            latent = latent * self.scale_factor
-        latent = latent.to(float_dtype)
-        # Filled in place: at PixArt's sizes a padded batch is tens of MB, so no extra copies.
-        width = samples[0].caption_feature.shape[1]
-        features = np.empty((count, 1, self.max_length, width), dtype=samples[0].caption_feature.dtype)
-        mask = torch.zeros((count, 1, 1, self.max_length), dtype=self.mask_dtype)
+        buffers = self._buffers
+        latent = buffers.tensor((count, channels, *moments.shape[2:]), float_dtype)
+        # The arithmetic runs in float32 one sample at a time: no batch-sized float32 copy, and
+        # up to 512-px buckets a sample is under torch's parallel grain, so no intra-op threads
+        # are woken (on a busy machine waking them costs more than the work).
+        in_place = float_dtype == torch.float32
+        work = None if in_place else torch.empty(latent.shape[1:], dtype=torch.float32)
+        generator = torch.Generator() if self.latent == "sample" else None
+        direct_mean = generator is None and self.scale_factor is None and moments.dtype in _FLOAT32_EXACT
         for i, sample in enumerate(samples):
-            pad_caption_feature(sample.caption_feature, self.max_length, out=features[i, 0])
-            mask[i, 0, 0, :sample.caption_feature.shape[0]] = 1
-        caption_feature = torch.from_numpy(features)
-        if self.dtype is not None:
-            caption_feature = caption_feature.to(self.dtype)
+            mean = moments[i, :channels]
+            if direct_mean:
+                latent[i].copy_(mean)  # one conversion, the same values as by way of float32
+                continue
+            value = latent[i] if in_place else work
+            if generator is not None:
+                # Each sample's noise comes from its own seed (seed, epoch, key): the same sample
+                # gets the same noise whatever batch, worker or rank it lands in. Re-seeding one
+                # generator gives the values a fresh one would.
+                value.normal_(generator=generator.manual_seed(_derive_seed(self.seed, epoch, sample.key, "noise")))
+                value.mul_(moments[i, channels:].float()).add_(mean.float())
+            else:
+                value.copy_(mean)
+            if self.scale_factor is not None:
+                value.mul_(self.scale_factor)
+            if not in_place:
+                latent[i].copy_(value)
+        # Filled in place: at PixArt's sizes a padded batch is tens of MB, so no extra copies.
+        lengths = [min(s.caption_feature.shape[0], self.max_length) for s in samples]
+        padded_length = self.max_length if self.caption_padding == "max_length" else max(lengths)
+        width = samples[0].caption_feature.shape[1]
+        stored_dtype = samples[0].caption_feature.dtype
+        shape = (count, 1, padded_length, width)
+        stored_torch_dtype = torch.from_numpy(np.empty(0, stored_dtype)).dtype
+        convert = self.dtype is not None and self.dtype != stored_torch_dtype
+        if convert:  # padded at the stored dtype, then converted by torch in one pass
+            features = buffers.reused(shape, stored_dtype)
+        else:
+            caption_feature = buffers.tensor(shape, stored_torch_dtype)
+            features = caption_feature.numpy()
+        mask = torch.zeros((count, 1, 1, padded_length), dtype=self.mask_dtype)
+        try:
+            mask_rows = mask.numpy()[:, 0, 0]  # a view: setting numpy slices costs less than torch indexing
+        except TypeError:  # a dtype numpy lacks (bfloat16)
+            mask_rows = mask[:, 0, 0]
+        for i, sample in enumerate(samples):
+            pad_caption_feature(sample.caption_feature, padded_length, out=features[i, 0])
+            mask_rows[i, :lengths[i]] = 1
+        if convert:
+            caption_feature = buffers.tensor(shape, self.dtype).copy_(torch.from_numpy(features))
         data_info = {
             "img_hw": torch.tensor([s.original_hw for s in samples], dtype=torch.float32),
             "aspect_ratio": torch.full((count,), float(samples[0].bucket), dtype=torch.float32),

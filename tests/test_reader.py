@@ -4,10 +4,12 @@ local = HTTP, bad shards, no pickle."""
 from __future__ import annotations
 
 import functools
+import gzip
 import http.server
 import io
 import json
 import logging
+import os
 import pickle
 import random
 import shutil
@@ -15,6 +17,7 @@ import tarfile
 import threading
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable
 
 import numpy as np
@@ -26,8 +29,10 @@ from torch.utils.data import DataLoader
 from shardkit.buckets import BucketTable
 from shardkit.errors import ShardkitError
 from shardkit.manifest import Manifest, ShardEntry, write_manifest
-from shardkit.reader import (ShardReader, ShardInfo, ShardReadError, batches_per_rank, count_batches,
-                             plan_reader, split_member_name)
+import shardkit.reader as reader_module
+from shardkit.reader import (BatchBuffers, ShardFormatError, ShardReader, ShardInfo, ShardReadError, _derive_seed,
+                             batches_per_rank, count_batches, iter_tar_samples, plan_reader, read_npy,
+                             split_member_name)
 from shardkit.shards import Sample, ShardWriter, json_bytes, npy_bytes
 
 FIELDS = ("prompt", "sharegpt4v")
@@ -475,3 +480,170 @@ def test_bad_options_are_one_clear_error(toy_build):
             ShardReader(toy_build, batch_size=2, **options)
     with pytest.raises(ShardkitError, match="manifest"):
         ShardReader(toy_build / "nowhere", batch_size=2)
+
+
+# ---- reading fast: members skipped unread, headers parsed once, buffers reused ---------------------
+
+def _members_by_sample(fileobj, want=None) -> list[tuple[str, dict[str, bytes]]]:
+    return [(raw.key, raw.members) for raw in iter_tar_samples(fileobj, want=want)]
+
+
+def test_unused_members_are_skipped_unread_and_batches_stay_the_same(tmp_path, monkeypatch):
+    # Wide second-field rows: with real_prompt_ratio=1 they are never used, so never read.
+    expected = write_synthetic_build(tmp_path, {"1.0": [4]}, hidden=8192, image=True)
+    shard = next((tmp_path / "shards").glob("*.tar"))
+    with tarfile.open(shard) as tar:
+        unused = sum(m.size for m in tar if m.name.endswith((".t5_sharegpt4v.npy", ".png", ".txt")))
+    read_sizes = []
+    real_pread = os.pread
+    monkeypatch.setattr(os, "pread", lambda fd, size, offset: (read_sizes.append(size), real_pread(fd, size, offset))[1])
+    batches = list(ShardReader(tmp_path, batch_size=2, layout="dict", latent="mean", shuffle=False))
+    monkeypatch.undo()
+    assert read_sizes and sum(read_sizes) < shard.stat().st_size - 0.8 * unused
+    for batch in batches:
+        for i, key in enumerate(batch["keys"]):
+            feature = expected[key]["features"]["prompt"]
+            np.testing.assert_array_equal(batch["caption_feature"][i, 0, :len(feature)].numpy(), feature)
+            np.testing.assert_array_equal(batch["latent"][i].numpy(), expected[key]["moments"][:2])
+
+    # A local file (offsets moved past what is skipped), a stream (read and dropped) and a gzip
+    # stream give the same members; with no filter every member is read.
+    want = lambda key, suffix: suffix in ("json", "t5_prompt.npy")
+    payload = shard.read_bytes()
+    with open(shard, "rb") as fh:
+        local = _members_by_sample(fh, want)
+    assert local == _members_by_sample(io.BytesIO(payload), want) == _members_by_sample(io.BytesIO(gzip.compress(payload)), want)
+    assert [sorted(m) for _, m in local] == [["json", "t5_prompt.npy"]] * 4
+    with tarfile.open(shard) as tar:
+        everything = {m.name: tar.extractfile(m).read() for m in tar}
+    with open(shard, "rb") as fh:
+        assert {f"{key}.{suffix}": data for key, members in _members_by_sample(fh) for suffix, data in members.items()} == everything
+
+
+def _header_offsets(shard: Path) -> dict[str, int]:
+    with tarfile.open(shard) as tar:
+        return {m.name: m.offset for m in tar}
+
+
+def test_a_damaged_tar_header_is_named_instead_of_ending_the_shard_early(tmp_path):
+    expected = write_synthetic_build(tmp_path, {"1.0": [3]})
+    shard = next((tmp_path / "shards").glob("*.tar"))
+    pristine = shard.read_bytes()
+    second_key = sorted(expected)[1]
+    for offset, message in ((_header_offsets(shard)[f"{second_key}.json"], "damaged: bad checksum"),
+                            (0, "not a tar file")):
+        data = bytearray(pristine)
+        data[offset + 3] ^= 0x20  # a byte of the member's name: the header checksum no longer matches
+        shard.write_bytes(bytes(data))
+        with pytest.raises(ShardReadError, match=message):
+            list(ShardReader(tmp_path, batch_size=1, shuffle=False))
+
+
+def test_a_shard_cut_at_a_member_boundary_is_found_truncated(tmp_path):
+    # Cut just before the last sample: every header left is whole, only the end-of-archive is missing.
+    expected = write_synthetic_build(tmp_path, {"1.0": [3]})
+    shard = next((tmp_path / "shards").glob("*.tar"))
+    shard.write_bytes(shard.read_bytes()[:_header_offsets(shard)[f"{sorted(expected)[-1]}.json"]])
+    with pytest.raises(ShardReadError, match="cut short"):
+        ShardReader([str(shard)], batch_size=1, max_length=12)  # counting its samples reads it to the end
+    with pytest.raises(ShardReadError, match="cut short"):
+        list(ShardReader(tmp_path, batch_size=1))
+
+
+def test_npy_headers_are_parsed_once_and_still_checked(monkeypatch):
+    monkeypatch.setattr(reader_module, "_NPY_LAYOUTS", {})
+    parsed = []
+    real_parse = np.lib.format.read_array_header_1_0
+    monkeypatch.setattr(np.lib.format, "read_array_header_1_0", lambda fp, *a, **k: (parsed.append(1), real_parse(fp, *a, **k))[1])
+
+    def npy(array) -> bytes:
+        buffer = io.BytesIO()
+        np.save(buffer, array, allow_pickle=True)
+        return buffer.getvalue()
+
+    arrays = [np.arange(i, i + 15, dtype=np.float16).reshape(3, 5) for i in range(4)]
+    for array in arrays:
+        np.testing.assert_array_equal(read_npy(npy(array), "x"), array)
+    assert len(parsed) == 1  # one header, parsed once
+    fortran = np.asfortranarray(np.arange(24, dtype=np.float32).reshape(2, 3, 4))
+    assert np.array_equal(read_npy(npy(fortran), "x"), fortran) and read_npy(npy(fortran), "x").flags.f_contiguous
+
+    pickled = npy(np.array([{"payload": 1}], dtype=object))
+    for _ in range(2):  # the second time the header comes from the cache: still refused
+        with pytest.raises(ShardFormatError, match="not a plain .npy array.*Python objects"):
+            read_npy(pickled, "x")
+    good = npy(arrays[0])
+    for broken in (good[:-2], good[:40], b"\x93NUMPY\x01\x00\x10\x00{'descr': '<f2'}  \n" + bytes(30), b"PK\x03\x04" + good):
+        with pytest.raises(ShardFormatError, match="not a plain .npy array"):
+            read_npy(broken, "x")
+
+
+def test_caption_padding_longest_pads_to_the_batch_longest_caption(tmp_path):
+    expected = write_synthetic_build(tmp_path, {"1.0": [9], "2.0": [5]})
+    options = dict(batch_size=3, layout="dict", shuffle=False, seed=2)
+    padded = list(ShardReader(tmp_path, **options))
+    longest = list(ShardReader(tmp_path, caption_padding="longest", **options))
+    assert len(padded) == len(longest) == 5
+    for full, short in zip(padded, longest):
+        length = max(expected[key]["meta"]["t5_lengths"]["prompt"] for key in full["keys"])
+        assert full["caption_feature"].shape[2] == 12 > length == short["caption_feature"].shape[2]
+        assert short["attention_mask"].shape == (len(full["keys"]), 1, 1, length)
+        assert torch.equal(short["caption_feature"], full["caption_feature"][:, :, :length])
+        assert torch.equal(short["attention_mask"], full["attention_mask"][..., :length])
+        assert torch.equal(short["latent"], full["latent"]) and short["keys"] == full["keys"]
+    with pytest.raises(ShardkitError, match="caption_padding"):
+        ShardReader(tmp_path, batch_size=2, caption_padding="dynamic")
+
+
+def test_latent_noise_is_drawn_per_sample_from_its_key(tmp_path):
+    # The values are pinned: mean + std * N(0, 1) drawn with a generator seeded by (seed, epoch, key).
+    expected = write_synthetic_build(tmp_path, {"1.0": [5], "0.5": [4]})
+    for dtype in (None, torch.float32, torch.bfloat16):
+        for batch in ShardReader(tmp_path, batch_size=2, layout="dict", seed=4, scale_factor=0.5, dtype=dtype):
+            for i, key in enumerate(batch["keys"]):
+                mean, std = torch.from_numpy(expected[key]["moments"]).float().chunk(2)
+                noise = torch.empty_like(mean).normal_(generator=torch.Generator().manual_seed(_derive_seed(4, 0, key, "noise")))
+                assert torch.equal(batch["latent"][i], ((noise * std + mean) * 0.5).to(dtype or torch.float16))
+
+
+def test_batch_buffers_are_reused_only_once_nothing_holds_them():
+    buffers = BatchBuffers(pool_min_bytes=0)
+    shape = (4, 1, 6, 8)
+    first = buffers.tensor(shape, torch.float16).fill_(1)
+    address = first.data_ptr()
+    second = buffers.tensor(shape, torch.float16)
+    assert second.data_ptr() != address  # the first batch is still held
+    kept_view = first[:, 0].numpy()  # a numpy view of a view holds the buffer too
+    del first
+    third = buffers.tensor(shape, torch.float16)
+    assert third.data_ptr() not in (address, second.data_ptr()) and (kept_view == 1).all()
+    del kept_view, third
+    tail = buffers.tensor((2, 1, 6, 8), torch.float16)  # a smaller batch takes the front of a free block
+    assert tail.data_ptr() in {address, buffers._pool[2].ctypes.data}
+    assert buffers.tensor(shape, torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_pooled_batches_that_are_held_are_never_overwritten(tmp_path):
+    write_synthetic_build(tmp_path, {"1.0": [8], "2.0": [6]}, hidden=16)
+    reference = list(ShardReader(tmp_path, batch_size=2, layout="dict"))
+    pooled = ShardReader(tmp_path, batch_size=2, layout="dict")
+    pooled._buffers = BatchBuffers(pool_min_bytes=0)
+    held = list(pooled)  # every batch kept: no two may share memory
+    _assert_same_batches(reference, held)
+    assert len({b["caption_feature"].data_ptr() for b in held}) == len(held)
+    addresses = set()
+    for i, batch in enumerate(pooled):  # each batch let go before the next: buffers come back
+        _assert_same_batches([reference[i]], [batch])
+        addresses.add(batch["caption_feature"].data_ptr())
+    assert len(addresses) <= 2 < len(held)
+
+
+def test_a_worker_collates_into_shared_memory(tmp_path, monkeypatch):
+    write_synthetic_build(tmp_path, {"1.0": [3]})
+    dataset = ShardReader(tmp_path, batch_size=3, layout="dict", shuffle=False)
+    in_process = next(iter(dataset))
+    monkeypatch.setattr(reader_module, "get_worker_info", lambda: SimpleNamespace(id=0, num_workers=1))
+    in_worker = next(iter(ShardReader(tmp_path, batch_size=3, layout="dict", shuffle=False)))
+    assert in_worker["latent"].is_shared() and in_worker["caption_feature"].is_shared()
+    assert not in_process["caption_feature"].is_shared()
+    _assert_same_batches([in_process], [in_worker])

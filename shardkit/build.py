@@ -27,6 +27,7 @@ from .distributed import (PART_PATTERN, MergeSummary, RankInfo, check_world_size
                           select_cuda_device, split_records)
 from .encoders import Encoders, check_encoders_match, load_encoders
 from .errors import ShardkitError
+from .hostmem import after_encoder_batch
 from .images import DecodeJob, DecodeResult, SourceUnavailable, run_decode_job
 from .lookahead import bounded_map
 from .manifest import MANIFEST_NAME, Manifest, ShardEntry, read_manifest_at, write_failures, write_manifest
@@ -300,6 +301,7 @@ class BuildJob:
         pixels = torch.from_numpy(np.stack([image.pixels for image in images]))
         latents = self.encoders.vae.encode(pixels)
         encoded = _EncodedBatch(planned=planned, images=images, latents=latents, t5=self._encode_captions(planned))
+        after_encoder_batch(self.encoders.device)  # CPU builds: hand freed activations back to the OS
         if shard.writer is None:
             shard.writer = ShardWriter(self.staging, self.ranks.shard_name(shard.plan.name), self.storage)
             self._writers = [w for w in self._writers if not w.committed] + [shard.writer]

@@ -1,0 +1,110 @@
+"""Host-memory policy of CPU builds: give the encoders' freed activation memory back to the OS.
+
+On CPU the VAE's activations are plain malloc'd buffers whose sizes change with every
+(bucket shape, batch size). glibc serves the first big ones with mmap, raises its mmap
+threshold when one is freed and from then on serves them from heap arenas that it keeps:
+freed buffers stay resident, and differently sized ones seldom fit each other's holes, so
+peak RSS grows with the number of shapes a build meets, that is with N.
+
+``malloc_trim(0)`` hands back the free pages of every arena, holes in the middle of a heap
+included. It is not free: the next batch faults in again whatever it reuses. So the trimmer
+learns the ceiling of a freshly trimmed heap (RSS after the first batch that follows a trim:
+live data plus one batch's buffers) and trims only when RSS has grown ``slack`` past it. The
+peak is then about (ceiling + slack + one batch's activations), whatever N, for a handful of
+trims per build.
+
+Only glibc has ``malloc_trim``: elsewhere (musl, macOS, Windows) and on GPU builds, whose
+activations live in device memory, this does nothing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+from typing import Callable
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# RSS growth past the ceiling of a freshly trimmed heap that triggers a trim: the peak's bound over
+# the ceiling. Each trim costs the next batches a page fault per page they reuse, so a smaller slack
+# (more trims) slows builds with small encoders measurably; a larger one lets the peak sit higher.
+TRIM_SLACK_BYTES = 512 << 20
+
+_STATM = "/proc/self/statm"
+
+
+def _glibc_malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or None where the C library is not glibc."""
+    try:
+        os.confstr("CS_GNU_LIBC_VERSION")  # raises where the C library is not glibc
+        function = ctypes.CDLL(None).malloc_trim
+    except (AttributeError, OSError, TypeError, ValueError):
+        return None
+    function.argtypes = [ctypes.c_size_t]
+    function.restype = ctypes.c_int
+    return function
+
+
+def _resident_bytes() -> int | None:
+    """This process's current RSS, from /proc (None where there is no /proc)."""
+    try:
+        with open(_STATM, "rb") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class HeapTrimmer:
+    """Trims the C heap after an encoder batch once RSS has grown ``slack`` bytes past the ceiling
+    of a freshly trimmed heap."""
+
+    def __init__(self, malloc_trim: Callable[[int], int] | None, resident_bytes: Callable[[], int | None],
+                 slack: int = TRIM_SLACK_BYTES):
+        self.malloc_trim = malloc_trim
+        self.resident_bytes = resident_bytes
+        self.slack = slack
+        # The most RSS seen after the first batch that followed a trim (or the start): what a heap
+        # holding one batch's freed buffers needs, not what it keeps from earlier shapes.
+        self.ceiling = 0
+        self.fresh = True  # no batch since the start or the last trim
+        self.trims = 0
+
+    @property
+    def active(self) -> bool:
+        return self.malloc_trim is not None
+
+    def after_batch(self) -> None:
+        if self.malloc_trim is None:
+            return
+        rss = self.resident_bytes()
+        if rss is None:
+            return
+        if self.fresh:
+            self.ceiling = max(self.ceiling, rss)
+            self.fresh = False
+        elif rss > self.ceiling + self.slack:
+            self.malloc_trim(0)
+            self.trims += 1
+            self.fresh = True
+
+
+# One C heap per process, so one trimmer per process.
+_process_trimmer: HeapTrimmer | None = None
+
+
+def process_trimmer() -> HeapTrimmer:
+    global _process_trimmer
+    if _process_trimmer is None:
+        _process_trimmer = HeapTrimmer(_glibc_malloc_trim(), _resident_bytes)
+        if not _process_trimmer.active:
+            log.debug("malloc_trim is not available (C library is not glibc); freed host memory is left to the allocator")
+    return _process_trimmer
+
+
+def after_encoder_batch(device: torch.device) -> None:
+    """Call after each encoder batch: on a CPU build, keeps the heap from growing with the shapes met."""
+    if device.type == "cpu":
+        process_trimmer().after_batch()

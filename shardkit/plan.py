@@ -94,8 +94,9 @@ class ImageFacts:
 def look_up_image(record: Record, keep_images: bool, max_pixels: int) -> ImageFacts:
     """The image's header (if the metadata lacks its size) and its size in bytes (if images are kept).
 
-    Remote storage errors other than a missing file propagate (SourceUnavailable): they say
-    nothing about the record, so the build stops resumably instead of skipping it.
+    A header read's remote storage errors other than a missing file propagate (SourceUnavailable):
+    they say nothing about the record, so the build stops resumably instead of skipping it. A size
+    lookup that fails leaves the size unknown; the decode stage then finds any real problem.
     """
     facts = ImageFacts()
     if record.escapes_root:

@@ -187,7 +187,8 @@ class Context:
 def section_build(ctx: Context) -> None:
     """Build throughput: shardkit, the per-file baseline, the encoders alone (interleaved)."""
     args, out, options, report, main_ds = ctx.args, ctx.out, ctx.options, ctx.report, ctx.main_ds
-    runs: dict[str, list[dict]] = {"shardkit": [], "baseline": [], "encoders": [], "processes": [], "channels_last": []}
+    runs: dict[str, list[dict]] = {"shardkit": [], "baseline": [], "encoders": [], "processes": [], "channels_last": [],
+                                   "no_trim": []}
     loads = []
     for _ in range(args.repeats):
         loads.append(_load())
@@ -200,6 +201,8 @@ def section_build(ctx: Context) -> None:
                                                         "out": str(out / "build-processes"), "decode_processes": True}))
             runs["channels_last"].append(run_task("build", {"config": options, "source": str(main_ds),
                                                             "out": str(out / "build-cl"), "channels_last": True}))
+            runs["no_trim"].append(run_task("build", {"config": options, "source": str(main_ds),
+                                                      "out": str(out / "build-no-trim"), "no_trim": True}))
     loads.append(_load())
 
     def best(name: str) -> dict:
@@ -226,6 +229,10 @@ def section_build(ctx: Context) -> None:
         rows.append(["prototype: channels-last VAE on CPU (encoders.py, not applied)", cl[0], cl[1],
                      best("channels_last")["cpu_self_s"] + best("channels_last")["cpu_children_s"],
                      f"{cl[0] / sk[0]:.2f}x build()"])
+    if runs["no_trim"]:
+        nt = rates("no_trim")
+        rows.append(["for reference: without the heap trims of shardkit/hostmem.py", nt[0], nt[1],
+                     best("no_trim")["cpu_self_s"] + best("no_trim")["cpu_children_s"], f"{nt[0] / sk[0]:.2f}x build()"])
     text = table(f"Build throughput, N={args.n} ({args.repeats} interleaved runs, load average {min(loads)}-{max(loads)})",
                  ["what", "samples/s best", "samples/s median", "CPU s (best run)", "ratio"], rows)
     base = best("baseline")

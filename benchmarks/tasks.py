@@ -103,6 +103,10 @@ def task_build(args: dict) -> dict:
         _decode_in_processes()
     if args.get("channels_last"):
         _channels_last_on_cpu(encoders)
+    if args.get("no_trim"):
+        from shardkit.hostmem import process_trimmer
+
+        process_trimmer().malloc_trim = None  # the build as it was before shardkit/hostmem.py
     out = _fresh(args["out"])
     with GpuMonitor(config.device == "cuda") as gpu:
         start = CpuClock.now()

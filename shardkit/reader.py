@@ -516,11 +516,14 @@ class TarMembers:
         """Bytes of the tar consumed so far."""
         return self._bytes.position - self._bytes.start
 
+    def _cut_short(self) -> ShardTruncatedError:
+        return ShardTruncatedError(f"the tar ends inside member {self._name!r} at byte {self.offset}: "
+                                   f"the shard was cut short")
+
     def _consume(self, size: int) -> bytes:
         data = self._bytes.read(size)
         if len(data) < size:
-            raise ShardTruncatedError(f"the tar ends inside member {self._name!r} at byte {self.offset}: "
-                                      f"the shard was cut short")
+            raise self._cut_short()
         return data
 
     def next(self) -> tuple[str, int] | None:
@@ -530,8 +533,7 @@ class TarMembers:
         while True:
             if self._pending:
                 if self._bytes.skip(self._pending) < self._pending:
-                    raise ShardTruncatedError(f"the tar ends inside member {self._name!r} at byte {self.offset}: "
-                                              f"the shard was cut short")
+                    raise self._cut_short()
                 self._pending = 0
             offset = self.offset
             block = self._bytes.read(_BLOCK)

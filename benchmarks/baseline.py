@@ -6,7 +6,7 @@ What it reproduces (read from PixArt-Σ's ``tools/extract_features.py`` and
 * VAE, multi-scale: decode workers convert each image to RGB, resize it straight to its bucket
   size (BICUBIC, a stretch) and normalise it to [-1, 1] as a float tensor; the main process
   encodes ONE image per VAE call, in a shuffled order, and saves ``concat(mean, std)`` as one
-  ``.npy`` per image.
+  fp32 ``.npy`` per image (see ``LATENT_SAVE_DTYPE``).
 * T5: every caption is tokenised with ``padding="max_length"`` to 300 tokens and encoded one at a
   time (a pool of 20 threads shares one lock around the encoder); each result is saved with
   ``np.savez_compressed`` as ``caption_feature`` [1, 300, D] fp16 and ``attention_mask`` [1, 300]
@@ -39,6 +39,11 @@ VAE_DIR = "img_sdxl_vae_features_{resolution}resolution_ms_new"
 CAPTION_DIRS = {"prompt": "caption_features_new", "sharegpt4v": "sharegpt4v_caption_features_new"}
 MAX_RATIO = 4.5
 T5_THREADS = 20  # PixArt's extractor starts 20 threads that take turns on the encoder
+# PixArt-Σ's multi-scale extractor loads the VAE in fp32 and encodes under CUDA autocast: the convs
+# run in fp16, but autocast runs ``exp`` in fp32 (PyTorch's AMP op list), so ``posterior.std`` is
+# fp32 and ``torch.cat([mean, std])`` promotes the saved array to fp32. On a CPU the compute is
+# fp32 to begin with. Either way the files hold fp32.
+LATENT_SAVE_DTYPE = np.float32
 
 
 def feature_name(image_path: str, extension: str) -> str:
@@ -90,7 +95,7 @@ def _bounded_imap(pool, fn, jobs: list, window: int):
 
 
 def extract_vae(dataset_root: Path, out: Path, vae_model, resolution: int, workers: int,
-                store_dtype=np.float16, seed: int = 0, pool=None) -> int:
+                store_dtype=LATENT_SAVE_DTYPE, seed: int = 0, pool=None) -> int:
     """One image per VAE call; one .npy per image. Returns the number of images."""
     import torch
 

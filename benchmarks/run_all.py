@@ -35,6 +35,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import BENCH_DIR, DEFAULT_WORKDIR, REPO, bench_config_options, machine, run_task, table  # noqa: E402
@@ -187,8 +189,8 @@ class Context:
 def section_build(ctx: Context) -> None:
     """Build throughput: shardkit, the per-file baseline, the encoders alone (interleaved)."""
     args, out, options, report, main_ds = ctx.args, ctx.out, ctx.options, ctx.report, ctx.main_ds
-    runs: dict[str, list[dict]] = {"shardkit": [], "baseline": [], "encoders": [], "processes": [], "channels_last": [],
-                                   "no_trim": []}
+    runs: dict[str, list[dict]] = {"shardkit": [], "baseline": [], "encoders": [], "processes": [], "one_stream": [],
+                                   "encoders_one_stream": [], "no_trim": []}
     loads = []
     for _ in range(args.repeats):
         loads.append(_load())
@@ -199,8 +201,10 @@ def section_build(ctx: Context) -> None:
         if args.device == "cpu":  # CPU-only comparisons (decode design, CPU memory layout)
             runs["processes"].append(run_task("build", {"config": options, "source": str(main_ds),
                                                         "out": str(out / "build-processes"), "decode_processes": True}))
-            runs["channels_last"].append(run_task("build", {"config": options, "source": str(main_ds),
-                                                            "out": str(out / "build-cl"), "channels_last": True}))
+            one_stream = dict(options, encoder_streams=1)  # the build before encoder streams
+            runs["one_stream"].append(run_task("build", {"config": one_stream, "source": str(main_ds),
+                                                         "out": str(out / "build-one-stream")}))
+            runs["encoders_one_stream"].append(run_task("encoders", {"config": one_stream, "source": str(main_ds)}))
             runs["no_trim"].append(run_task("build", {"config": options, "source": str(main_ds),
                                                       "out": str(out / "build-no-trim"), "no_trim": True}))
     loads.append(_load())
@@ -224,11 +228,13 @@ def section_build(ctx: Context) -> None:
         pr = rates("processes")
         rows.append(["for reference: decode in spawned processes (build.py before f4fe59c)", pr[0], pr[1],
                      best("processes")["cpu_self_s"] + best("processes")["cpu_children_s"], f"{pr[0] / sk[0]:.2f}x build()"])
-    if runs["channels_last"]:
-        cl = rates("channels_last")
-        rows.append(["prototype: channels-last VAE on CPU (encoders.py, not applied)", cl[0], cl[1],
-                     best("channels_last")["cpu_self_s"] + best("channels_last")["cpu_children_s"],
-                     f"{cl[0] / sk[0]:.2f}x build()"])
+    if runs["one_stream"]:
+        one, enc_one = rates("one_stream"), rates("encoders_one_stream")
+        rows.append(["for reference: one encoder stream, 2 intra-op threads (build.py before encoder streams)",
+                     one[0], one[1], best("one_stream")["cpu_self_s"] + best("one_stream")["cpu_children_s"],
+                     f"{one[0] / sk[0]:.2f}x build(), {one[0] / bl[0]:.2f}x per-file"])
+        rows.append(["for reference: encoders alone, one stream", enc_one[0], enc_one[1],
+                     best("encoders_one_stream")["cpu_self_s"], f"one-stream build = {100 * one[0] / enc_one[0]:.0f}% of it"])
     if runs["no_trim"]:
         nt = rates("no_trim")
         rows.append(["for reference: without the heap trims of shardkit/hostmem.py", nt[0], nt[1],
@@ -295,10 +301,10 @@ def section_bytes(ctx: Context) -> None:
     base_disk = sum(v["on_disk"] for v in base_files.values()) + info_share * n
     rows = [
         ["measured here (tiny: latent 8 ch, T5 D=32)", "shardkit, features only (--no-images)", features_only / n,
-         f"{features_only / base_apparent:.2f}"],
-        ["", "shardkit, images kept (default)", built["total"] / n, f"{built['total'] / base_apparent:.2f}"],
-        ["", "per-file baseline (.npy + 2 .npz + data_info.json share)", base_apparent / n, "1.00"],
-        ["", "per-file baseline, on disk (4 KiB blocks)", base_disk / n, f"{base_disk / base_apparent:.2f}"],
+         f"{features_only / base_apparent:.3f}"],
+        ["", "shardkit, images kept (default)", built["total"] / n, f"{built['total'] / base_apparent:.3f}"],
+        ["", "per-file baseline (.npy + 2 .npz + data_info.json share)", base_apparent / n, "1.000"],
+        ["", "per-file baseline, on disk (4 KiB blocks)", base_disk / n, f"{base_disk / base_apparent:.3f}"],
     ]
 
     # Projection: the same samples, buckets and token lengths at the real feature sizes; json, txt and
@@ -321,16 +327,18 @@ def section_bytes(ctx: Context) -> None:
     slope, intercept = _fit([r["distinct_rows"] * FULL_HIDDEN * 2 for r in proxy["rows"]], [r["npz_bytes"] for r in proxy["rows"]])
     deflated = sum(count * (slope * distinct_padded_rows(length, MAX_LENGTH) * FULL_HIDDEN * 2 + intercept)
                    for h in token_lengths.values() for length, count in h.items()) / n
-    base_latent = latent + npy
+    from baseline import LATENT_SAVE_DTYPE
+
+    base_latent = latent * np.dtype(LATENT_SAVE_DTYPE).itemsize // 2 + npy  # `latent` counts fp16 bytes
     base_raw = base_latent + captions * _npz_uncompressed(FULL_HIDDEN) + info_share
     base_deflated = base_latent + deflated + info_share
     images = kinds.get("image", 0) / n
     rows += [
         ["projected (latent [8,h/8,w/8] fp16, T5-XXL D=4096 fp16)", "shardkit, features only", sk_projected,
-         f"{sk_projected / base_deflated:.2f}"],
-        ["", "shardkit, images kept", sk_projected + images, f"{(sk_projected + images) / base_deflated:.2f}"],
-        ["", "per-file baseline as PixArt writes it (np.savez_compressed)", base_deflated, "1.00"],
-        ["", "per-file baseline if the .npz were not compressed (np.savez)", base_raw, f"{base_raw / base_deflated:.2f}"],
+         f"{sk_projected / base_deflated:.3f}"],
+        ["", "shardkit, images kept", sk_projected + images, f"{(sk_projected + images) / base_deflated:.3f}"],
+        ["", "per-file baseline as PixArt writes it (fp32 latent .npy, np.savez_compressed)", base_deflated, "1.000"],
+        ["", "per-file baseline if the .npz were not compressed (np.savez)", base_raw, f"{base_raw / base_deflated:.3f}"],
     ]
     medians = {f: _median_of_histogram(h) for f, h in token_lengths.items()}
     text = table(f"Bytes per sample (N={n}; token-length medians {medians}; {len(per_bucket)} buckets)",

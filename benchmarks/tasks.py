@@ -72,18 +72,6 @@ def _decode_in_processes() -> None:
     build_module.BuildJob._decode_executor = process_executor
 
 
-def _channels_last_on_cpu(encoders) -> None:
-    """Prototype for encoders.py: the channels-last layout VaeEncoder uses on CUDA, on the CPU too
-    (oneDNN's convolutions are faster in NHWC)."""
-    import torch
-
-    import shardkit.encoders as encoders_module
-
-    encoders.vae.model.to(memory_format=torch.channels_last)
-    to_model_input = encoders_module.to_model_input
-    encoders_module.to_model_input = lambda pixels: to_model_input(pixels).contiguous(memory_format=torch.channels_last)
-
-
 def _fresh(path: str) -> Path:
     out = Path(path)
     shutil.rmtree(out, ignore_errors=True)
@@ -101,8 +89,6 @@ def task_build(args: dict) -> dict:
         _stub_encoders(encoders)
     if args.get("decode_processes"):
         _decode_in_processes()
-    if args.get("channels_last"):
-        _channels_last_on_cpu(encoders)
     if args.get("no_trim"):
         from shardkit.hostmem import process_trimmer
 
@@ -174,13 +160,12 @@ def task_encoders(args: dict) -> dict:
     import torch
 
     from shardkit.buckets import BucketTable
+    from shardkit.encoders import EncoderStreams, resolve_encoder_streams
     from shardkit.images import decode_and_fit
     from shardkit.plan import Planner
     from shardkit.sources import iter_records, resolve_source
 
     config, encoders = _load(args["config"])
-    if args.get("channels_last"):
-        _channels_last_on_cpu(encoders)
     table = BucketTable(config.resolution)
     planner = Planner(config, table, encoders.t5.tokenize, encoders.vae.feature_shape, encoders.t5.hidden_size)
     batches = []
@@ -190,26 +175,27 @@ def task_encoders(args: dict) -> dict:
             pixels = [decode_and_fit(r.record.location, plan.bucket, config.resize_mode, config.max_image_pixels,
                                      r.expected_hw, table.uses_lanczos).pixels for r in records]
             batches.append((torch.from_numpy(np.stack(pixels)), [r.token_ids for r in records]))
-    vae_s = t5_s = 0.0
-    captions = tokens = 0
-    with GpuMonitor(config.device == "cuda") as gpu:
+
+    def encode(pixels, token_ids) -> tuple[float, float, int, int]:
+        t0 = time.perf_counter()
+        encoders.vae.encode(pixels)
+        t1 = time.perf_counter()
+        distinct: dict[tuple[int, ...], None] = {}
+        for ids in token_ids:
+            for value in ids.values():
+                distinct.setdefault(tuple(value), None)
+        encoders.t5.encode(list(distinct), config.t5_batch_size)
+        return t1 - t0, time.perf_counter() - t1, len(distinct), sum(len(ids) for ids in distinct)
+
+    # The build's encoder streams (two batches at once on a multi-core CPU): the same work, run as
+    # the build runs it. vae_s and t5_s add up the time of every stream.
+    streams = resolve_encoder_streams(config.encoder_streams, encoders.device)
+    with GpuMonitor(config.device == "cuda") as gpu, EncoderStreams(streams) as pool:
         start = CpuClock.now()
-        for pixels, token_ids in batches:
-            t0 = time.perf_counter()
-            encoders.vae.encode(pixels)
-            t1 = time.perf_counter()
-            distinct: dict[tuple[int, ...], None] = {}
-            for ids in token_ids:
-                for value in ids.values():
-                    distinct.setdefault(tuple(value), None)
-            encoders.t5.encode(list(distinct), config.t5_batch_size)
-            t2 = time.perf_counter()
-            vae_s += t1 - t0
-            t5_s += t2 - t1
-            captions += len(distinct)
-            tokens += sum(len(ids) for ids in distinct)
+        done = [pool.submit(encode, pixels, token_ids) for pixels, token_ids in batches]
+        vae_s, t5_s, captions, tokens = (sum(values) for values in zip(*(f.result() for f in done)))
         result = CpuClock.now().since(start)
-    result.update(samples=sum(len(p) for p, _ in batches), vae_s=vae_s, t5_s=t5_s, batches=len(batches),
+    result.update(samples=sum(len(p) for p, _ in batches), vae_s=vae_s, t5_s=t5_s, batches=len(batches), streams=streams,
                   captions=captions, tokens=tokens, **gpu.result(), **_cuda_peak())
     return result
 

@@ -2,6 +2,8 @@
 
 Data flows one way. Decoding runs in worker threads a bounded window ahead of the
 encoders; shard writing and hashing run on a writer thread, so the encoders wait on neither.
+On a CPU, two batches are encoded at once (encoder streams); the writer takes their results in
+batch order, so the shards do not depend on which finished first.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from .buckets import BucketTable
 from .config import BuildConfig
 from .distributed import (PART_PATTERN, MergeSummary, RankInfo, check_world_size, finish_ranks, joined_ranks,
                           select_cuda_device, split_records)
-from .encoders import Encoders, check_encoders_match, load_encoders
+from .encoders import EncoderStreams, Encoders, check_encoders_match, load_encoders, resolve_encoder_streams
 from .errors import ShardkitError
 from .hostmem import after_encoder_batch
 from .images import DecodeJob, DecodeResult, SourceUnavailable, run_decode_job
@@ -80,7 +82,7 @@ class _OpenShard:
 
 
 @dataclass
-class _EncodedBatch:
+class _EncodedBatch:  # what the encoder streams hand to the writer thread
     planned: list[PlannedRecord]
     images: list  # TransformedImage per planned record
     latents: np.ndarray
@@ -203,9 +205,11 @@ class BuildJob:
         plans = planner.plan(records)
         executor = self._decode_executor()
         writer = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="shardkit-writer")
+        self.encoder_streams = EncoderStreams(resolve_encoder_streams(self.config.encoder_streams, self.encoders.device))
         backlog: deque = deque()
         open_shard: _OpenShard | None = None
         try:
+            self.encoder_streams.open()
             window = max(2 * self.config.batch_size, 4 * max(self.config.workers, 1))
             for (plan, planned), result in bounded_map(run_decode_job, self._decode_jobs(plans, progress),
                                                         executor, window):
@@ -229,6 +233,8 @@ class BuildJob:
                 backlog.popleft().result()
         except BaseException as exc:
             # Let the shard being written finish or fail, drop its temporary file: OUTPUT stays resumable.
+            # Batches not yet encoded are dropped first, so the writer does not wait for them.
+            self.encoder_streams.close()
             writer.shutdown(wait=True, cancel_futures=True)
             for shard_writer in self._writers:
                 shard_writer.abort()  # no-op for committed shards
@@ -243,6 +249,7 @@ class BuildJob:
                 raise ShardkitError(f"{exc}; check the storage endpoint and credentials, then run the same command "
                                     f"again to resume (completed shards are kept)") from None
             raise
+        self.encoder_streams.close()
         writer.shutdown(wait=True)
         if executor is not None:
             executor.shutdown(wait=True)
@@ -293,15 +300,12 @@ class BuildJob:
             backlog.popleft().result()
 
     def _flush(self, shard: "_OpenShard", writer, backlog, progress) -> None:
-        """Encode the shard's pending batch and hand the samples to the writer thread."""
+        """Hand the shard's pending batch to the encoders, and its samples-to-be to the writer thread."""
         if not shard.batch:
             return
         planned = [p for p, _ in shard.batch]
         images = [r.image for _, r in shard.batch]
-        pixels = torch.from_numpy(np.stack([image.pixels for image in images]))
-        latents = self.encoders.vae.encode(pixels)
-        encoded = _EncodedBatch(planned=planned, images=images, latents=latents, t5=self._encode_captions(planned))
-        after_encoder_batch(self.encoders.device)  # CPU builds: hand freed activations back to the OS
+        encoded = self.encoder_streams.submit(self._encode_batch, planned, images)
         if shard.writer is None:
             shard.writer = ShardWriter(self.staging, self.ranks.shard_name(shard.plan.name), self.storage)
             self._writers = [w for w in self._writers if not w.committed] + [shard.writer]
@@ -312,6 +316,13 @@ class BuildJob:
     def _close(self, shard: "_OpenShard", writer, backlog, progress) -> None:
         self._flush(shard, writer, backlog, progress)
         self._submit(writer, backlog, self._finish_shard, shard.plan, shard.writer, shard.skips)
+
+    def _encode_batch(self, planned: list[PlannedRecord], images: list) -> _EncodedBatch:
+        pixels = torch.from_numpy(np.stack([image.pixels for image in images]))
+        latents = self.encoders.vae.encode(pixels)
+        encoded = _EncodedBatch(planned=planned, images=images, latents=latents, t5=self._encode_captions(planned))
+        after_encoder_batch(self.encoders.device)  # CPU builds: hand freed activations back to the OS
+        return encoded
 
     def _encode_captions(self, planned: list[PlannedRecord]) -> list[dict[str, np.ndarray]]:
         """Each distinct caption of the batch is encoded once."""
@@ -336,7 +347,8 @@ class BuildJob:
             self._write_failure = exc
             raise
 
-    def _write_batch(self, plan: ShardPlan, shard_writer: ShardWriter, encoded: _EncodedBatch) -> None:
+    def _write_batch(self, plan: ShardPlan, shard_writer: ShardWriter, pending: "futures.Future[_EncodedBatch]") -> None:
+        encoded = pending.result()  # batches reach the writer in order, whichever stream finished first
         for i, planned in enumerate(encoded.planned):
             shard_writer.add(self._sample(plan, planned, encoded.images[i], encoded.latents[i], encoded.t5[i]))
 

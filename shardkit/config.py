@@ -59,6 +59,7 @@ class BuildConfig:
     # How the work runs; these never change the bytes written.
     device: str = "auto"
     workers: int = 2
+    encoder_streams: int = 0  # batches encoded at once; 0 = auto (1 on a GPU, 2 on a multi-core CPU)
     progress: bool = True
     # Object storage (s3:// SOURCE or OUTPUT). Credentials never go here: they come from the
     # environment (AWS_ACCESS_KEY_ID, AWS_PROFILE, ...), since the config is written to the manifest.
@@ -66,7 +67,7 @@ class BuildConfig:
     staging_dir: str | None = None  # local folder where shards bound for object storage are written first
 
     # Fields that do not affect the shards' content: a resume may change them freely.
-    RUNTIME_FIELDS = ("device", "workers", "progress", "endpoint_url", "staging_dir")
+    RUNTIME_FIELDS = ("device", "workers", "encoder_streams", "progress", "endpoint_url", "staging_dir")
 
     def __post_init__(self) -> None:
         self.captions = tuple(self.captions)
@@ -94,6 +95,7 @@ class BuildConfig:
         for name in ("batch_size", "t5_batch_size", "shard_max_count", "shard_max_bytes"):
             require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         require(self.workers >= 0, f"workers must be >= 0, got {self.workers}")
+        require(self.encoder_streams >= 0, f"encoder_streams must be >= 0 (0 = auto), got {self.encoder_streams}")
         if self.endpoint_url is not None:
             scheme, _, rest = self.endpoint_url.partition("://")
             require(scheme in ("http", "https") and rest,

@@ -6,10 +6,12 @@ the tiny offline models of ``shardkit tiny-models``.
 
 from __future__ import annotations
 
+import concurrent.futures as futures
 import contextlib
 import hashlib
 import json
 import logging
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence, TypeVar
@@ -34,6 +36,72 @@ def resolve_device(device: str) -> torch.device:
     if device == "cuda" and not torch.cuda.is_available():
         raise ShardkitError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu or auto")
     return torch.device(device)
+
+
+def resolve_encoder_streams(streams: int, device: torch.device) -> int:
+    """``streams`` as asked, or for 0 (auto): one on a GPU, two on a CPU with two cores or more.
+
+    On a CPU, two batches encoded at once on one intra-op thread each beat one batch on two
+    threads: the VAE's many small ops leave intra-op threads waiting on each other (measured in
+    BENCHMARKS.md). Two, not one per core, so host memory holds at most two batches' activations.
+    """
+    if streams:
+        return streams
+    if device.type != "cpu":
+        return 1
+    return 2 if _usable_cores() >= 2 else 1
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+class EncoderStreams:
+    """Runs encoder work for several batches at once, in submission order of results.
+
+    With one stream the work runs inline, in the caller's thread (GPU builds: one CUDA stream is
+    fed in order). With more, each runs on a thread of its own with ``torch`` intra-op threads
+    split between them for as long as the ``with`` block lasts.
+    """
+
+    def __init__(self, streams: int):
+        self.streams = streams
+        self._pool: futures.ThreadPoolExecutor | None = None
+        self._saved_threads: int | None = None
+
+    def __enter__(self) -> "EncoderStreams":
+        return self.open()
+
+    def open(self) -> "EncoderStreams":
+        if self.streams > 1 and self._pool is None:
+            self._saved_threads = torch.get_num_threads()
+            # Set before the pool's threads exist: torch gives each new thread the process-wide
+            # count at its first parallel op.
+            torch.set_num_threads(max(1, self._saved_threads // self.streams))
+            self._pool = futures.ThreadPoolExecutor(max_workers=self.streams, thread_name_prefix="shardkit-encode")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        if self._saved_threads is not None:
+            torch.set_num_threads(self._saved_threads)
+            self._saved_threads = None
+
+    def submit(self, fn: Callable[..., T], *args) -> "futures.Future[T]":
+        """A future of ``fn(*args)``; inline work raises its errors here, pooled work from ``result()``."""
+        if self._pool is not None:
+            return self._pool.submit(fn, *args)
+        done: futures.Future = futures.Future()
+        done.set_result(fn(*args))
+        return done
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:

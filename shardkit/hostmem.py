@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import threading
 from typing import Callable
 
 import torch
@@ -71,6 +72,7 @@ class HeapTrimmer:
         self.ceiling = 0
         self.fresh = True  # no batch since the start or the last trim
         self.trims = 0
+        self._lock = threading.Lock()  # CPU builds may encode on several threads (encoder streams)
 
     @property
     def active(self) -> bool:
@@ -79,16 +81,17 @@ class HeapTrimmer:
     def after_batch(self) -> None:
         if self.malloc_trim is None:
             return
-        rss = self.resident_bytes()
-        if rss is None:
-            return
-        if self.fresh:
-            self.ceiling = max(self.ceiling, rss)
-            self.fresh = False
-        elif rss > self.ceiling + self.slack:
-            self.malloc_trim(0)
-            self.trims += 1
-            self.fresh = True
+        with self._lock:
+            rss = self.resident_bytes()
+            if rss is None:
+                return
+            if self.fresh:
+                self.ceiling = max(self.ceiling, rss)
+                self.fresh = False
+            elif rss > self.ceiling + self.slack:
+                self.malloc_trim(0)
+                self.trims += 1
+                self.fresh = True
 
 
 # One C heap per process, so one trimmer per process.

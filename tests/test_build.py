@@ -14,6 +14,7 @@ import webdataset as wds
 
 from shardkit.build import build
 from shardkit.buckets import BucketTable
+from shardkit.encoders import EncoderStreams, resolve_encoder_streams
 from shardkit.images import decode_and_fit, to_model_input
 from shardkit.manifest import read_manifest
 
@@ -61,7 +62,8 @@ def test_members_of_a_sample_are_adjacent_and_reproducible_metadata(toy_build):
 
 def test_latents_equal_a_direct_vae_encode(toy_build, toy_dataset, tiny_models, make_config, encoders, tmp_path):
     """Every stored latent equals AutoencoderKL.encode (fp32) of the same transformed image, encoded
-    in the same batches as the build (CPU convolutions differ by ~1e-5 between batch sizes)."""
+    in the same batches and on as many intra-op threads as the build's encoder streams (CPU
+    convolutions differ by up to ~1e-3 between batch sizes and thread counts)."""
     from diffusers import AutoencoderKL
 
     config = make_config(store_dtype="fp32")
@@ -70,23 +72,29 @@ def test_latents_equal_a_direct_vae_encode(toy_build, toy_dataset, tiny_models, 
     vae = AutoencoderKL.from_pretrained(tiny_models, subfolder="vae").eval()
     table = BucketTable(256)
     checked = 0
-    for shard in sorted((output / "shards").glob("*.tar")):
-        samples = list(wds.WebDataset(str(shard), shardshuffle=False))
-        for start in range(0, len(samples), config.batch_size):
-            batch = samples[start:start + config.batch_size]
-            pixels = []
-            for sample in batch:
-                meta = json.loads(sample["json"])
-                image = decode_and_fit(toy_dataset / "InternImgs" / meta["path"], table[meta["bucket"]], "crop",
-                                       10**9, None, lanczos=False)
-                pixels.append(image.pixels)
-            with torch.no_grad():
-                dist = vae.encode(to_model_input(torch.from_numpy(np.stack(pixels)))).latent_dist
-            direct = torch.cat([dist.mean, dist.std], dim=1).numpy()
-            for sample, expected in zip(batch, direct):
-                stored = np.load(io.BytesIO(sample["latent.npy"]), allow_pickle=False)
-                np.testing.assert_allclose(stored, expected, rtol=1e-5, atol=1e-5)
-                checked += 1
+    streams = EncoderStreams(resolve_encoder_streams(config.encoder_streams, torch.device("cpu")))
+
+    def direct_encode(pixels: list[np.ndarray]) -> np.ndarray:
+        with torch.no_grad():
+            dist = vae.encode(to_model_input(torch.from_numpy(np.stack(pixels)))).latent_dist
+        return torch.cat([dist.mean, dist.std], dim=1).numpy()
+
+    with streams:
+        for shard in sorted((output / "shards").glob("*.tar")):
+            samples = list(wds.WebDataset(str(shard), shardshuffle=False))
+            for start in range(0, len(samples), config.batch_size):
+                batch = samples[start:start + config.batch_size]
+                pixels = []
+                for sample in batch:
+                    meta = json.loads(sample["json"])
+                    image = decode_and_fit(toy_dataset / "InternImgs" / meta["path"], table[meta["bucket"]], "crop",
+                                           10**9, None, lanczos=False)
+                    pixels.append(image.pixels)
+                direct = streams.submit(direct_encode, pixels).result()
+                for sample, expected in zip(batch, direct):
+                    stored = np.load(io.BytesIO(sample["latent.npy"]), allow_pickle=False)
+                    np.testing.assert_allclose(stored, expected, rtol=1e-5, atol=1e-5)
+                    checked += 1
     assert checked == 17
 
 

@@ -53,8 +53,9 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--n", type=int, default=200, help="samples per build (memory also runs 10 N)")
     parser.add_argument("--repeats", type=int, default=2, help="interleaved repeats of each timed build")
     parser.add_argument("--resolution", type=int, default=512)
-    parser.add_argument("--batch-size", type=int, default=4,
-                        help="VAE batch of the build (on CPU the tiny VAE is fastest at small batches)")
+    parser.add_argument("--batch-size", type=int, default=2,
+                        help="VAE batch of the build (on CPU, with two encoder streams, the tiny VAE is fastest at "
+                             "batches of 1-2: BENCHMARKS.md section 1)")
     parser.add_argument("--t5-batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2, help="decode processes, for the build and the baseline alike")
     parser.add_argument("--read-batch-size", type=int, default=16)
@@ -526,25 +527,47 @@ def section_plan(ctx: Context) -> None:
 
 
 def section_flops(ctx: Context) -> None:
-    """FLOP floor of the full-size encoders (computed on the meta device)."""
+    """T5 padding under each batching policy (counted), and the FLOP floor of the full-size encoders
+    (computed on the meta device), padding included."""
     args, report = ctx.args, ctx.report
     items = json.loads((ctx.main_ds / "InternData" / "data_info.json").read_text())
     from shardkit.buckets import BucketTable
 
+    padding_rows, padding = [], {}
+    batch_sizes = sorted({args.batch_size, 16})  # the run's VAE batch and BuildConfig's default
+    for label, dataset in ((f"N={args.n}", ctx.main_ds), (f"10 N={10 * args.n}", ctx.dataset(10 * args.n))):
+        padding[label] = run_task("t5_padding", {"tokenizer": str(ctx.tiny / "tokenizer"), "batch_sizes": batch_sizes,
+                                                 "resolution": args.resolution, "t5_batch_size": args.t5_batch_size,
+                                                 "source": str(dataset)})
+        for batch_size, result in padding[label].items():
+            for policy, counts in result["policies"].items():
+                padding_rows.append([label, batch_size, policy, counts["calls"],
+                                     f"{counts['computed_tokens'] / counts['valid_tokens']:.2f}"])
+    text = table(f"T5 tokens computed per valid token (padding included), t5_batch_size {args.t5_batch_size}; "
+                 f"counted from the plans, nothing encoded",
+                 ["dataset", "VAE batch", "captions grouped and cut", "T5 calls", "computed / valid tokens"], padding_rows)
+
     bucket_table = BucketTable(args.resolution)
     buckets_hw = [[b.height, b.width] for b in (bucket_table.closest(it["height"], it["width"]) for it in items)]
     lengths = _token_lengths(items, ctx.tiny)
-    flops = run_task("flops", {"buckets": buckets_hw, "token_lengths": lengths, "max_length": MAX_LENGTH})
-    sk_flops = flops["vae_flops"] + flops["t5_flops_shardkit"]
+    policies = padding[f"N={args.n}"][str(args.batch_size)]["policies"]
+    flops = run_task("flops", {"buckets": buckets_hw, "token_lengths": lengths, "max_length": MAX_LENGTH,
+                               "t5_widths": {name: counts["widths"] for name, counts in policies.items()}})
+    t5_computed = flops["t5_flops_computed"]["caption windows, length_batches"]
+    flops["t5_flops_shardkit_computed"] = t5_computed
+    sk_flops = flops["vae_flops"] + t5_computed
     bl_flops = flops["vae_flops"] + flops["t5_flops_baseline"]
     floor_rows = [[gpu, peak, peak * 1e12 / sk_flops, peak * 1e12 / bl_flops, f"{bl_flops / sk_flops:.2f}"]
                   for gpu, peak in _peaks().items()]
-    text = table(f"FLOP floor at {args.resolution} px with the full-size encoders (computed, NOT measured): "
-                 f"VAE {flops['vae_flops'] / 1e12:.2f} TFLOP/sample, T5 {flops['t5_flops_shardkit'] / 1e12:.2f} "
-                 f"(valid tokens) vs {flops['t5_flops_baseline'] / 1e12:.2f} TFLOP/sample (padded to {MAX_LENGTH})",
-                 ["GPU", "dense fp16 peak TFLOPS", "shardkit samples/s at 100% of peak",
-                  "per-file baseline samples/s at 100% of peak", "baseline FLOPs / shardkit FLOPs"], floor_rows)
-    report.add("flops", text, flops)
+    text += "\n" + table(
+        f"FLOP floor at {args.resolution} px with the full-size encoders (computed, NOT measured): VAE "
+        f"{flops['vae_flops'] / 1e12:.2f} TFLOP/sample; T5 {flops['t5_flops_shardkit'] / 1e12:.2f} on the valid tokens, "
+        f"{t5_computed / 1e12:.2f} as shardkit batches them (VAE batch {args.batch_size}; "
+        + ", ".join(f"{name}: {value / 1e12:.2f}" for name, value in flops["t5_flops_computed"].items())
+        + f"), {flops['t5_flops_baseline'] / 1e12:.2f} TFLOP/sample padded to {MAX_LENGTH}",
+        ["GPU", "dense fp16 peak TFLOPS", "shardkit samples/s at 100% of peak",
+         "per-file baseline samples/s at 100% of peak", "baseline FLOPs / shardkit FLOPs"], floor_rows)
+    report.add("flops", text, dict(flops, t5_padding=padding))
 
 
 def section_gpu(ctx: Context) -> None:
@@ -573,25 +596,25 @@ def section_gpu(ctx: Context) -> None:
         return [what, f"{items / seconds:,.1f} {unit}/s", useful, executed, f"{100 * executed / peak_value:.1f}%",
                 "-" if busy is None else f"{busy:.0f}%"]
 
+    # useful: VAE + T5 on the valid tokens; executed: T5 at the padded widths each side runs.
+    t5_useful, t5_executed = flops["t5_flops_shardkit"], flops["t5_flops_shardkit_computed"]
+    sk_useful, sk_executed = flops["vae_flops"] + t5_useful, flops["vae_flops"] + t5_executed
+    bl_executed = flops["vae_flops"] + flops["t5_flops_baseline"]
     rows = [
         row(f"VAE, shardkit (batches of {args.batch_size}, encoders alone)", n, "images", enc["vae_s"],
             flops["vae_flops"] * n, flops["vae_flops"] * n, None),
         row("VAE, per-file (1 image per call; phase incl. its decode waits and saves)", base["samples"], "images",
             base["vae_wall_s"], flops["vae_flops"] * base["samples"], flops["vae_flops"] * base["samples"], None),
-        row(f"T5, shardkit (length-sorted, dynamic padding, batches of <= {args.t5_batch_size}, encoders alone)",
-            enc["captions"], "captions", enc["t5_s"], flops["t5_flops_shardkit"] * n, flops["t5_flops_shardkit"] * n, None),
+        row(f"T5, shardkit (caption windows, length-sorted batches of <= {args.t5_batch_size}, encoders alone)",
+            enc["captions"], "captions", enc["t5_s"], t5_useful * n, t5_executed * n, None),
         row(f"T5, per-file (1 caption per call, padded to {MAX_LENGTH}; phase incl. saves)", base_captions, "captions",
-            base["t5_wall_s"], flops["t5_flops_shardkit"] * base["samples"], flops["t5_flops_baseline"] * base["samples"],
-            None),
-        row("encoders alone, both (shardkit's batches)", n, "samples", enc["wall_s"],
-            (flops["vae_flops"] + flops["t5_flops_shardkit"]) * n, (flops["vae_flops"] + flops["t5_flops_shardkit"]) * n,
+            base["t5_wall_s"], t5_useful * base["samples"], flops["t5_flops_baseline"] * base["samples"], None),
+        row("encoders alone, both (shardkit's batches)", n, "samples", enc["wall_s"], sk_useful * n, sk_executed * n,
             enc.get("gpu_busy_pct_mean")),
-        row("shardkit build() end to end", sk["samples"], "samples", sk["wall_s"],
-            (flops["vae_flops"] + flops["t5_flops_shardkit"]) * sk["samples"],
-            (flops["vae_flops"] + flops["t5_flops_shardkit"]) * sk["samples"], sk.get("gpu_busy_pct_mean")),
-        row("per-file extraction end to end", base["samples"], "samples", base["wall_s"],
-            (flops["vae_flops"] + flops["t5_flops_shardkit"]) * base["samples"],
-            (flops["vae_flops"] + flops["t5_flops_baseline"]) * base["samples"], base.get("gpu_busy_pct_mean")),
+        row("shardkit build() end to end", sk["samples"], "samples", sk["wall_s"], sk_useful * sk["samples"],
+            sk_executed * sk["samples"], sk.get("gpu_busy_pct_mean")),
+        row("per-file extraction end to end", base["samples"], "samples", base["wall_s"], sk_useful * base["samples"],
+            bl_executed * base["samples"], base.get("gpu_busy_pct_mean")),
     ]
     text = table(f"GPU: encoder throughput against the FLOP floor ({results['machine'].get('gpu')}; peak taken as "
                  f"{peak_name} dense fp16 {peak_value:g} TFLOP/s; {args.resolution} px, fp16, best of {args.repeats})",

@@ -12,6 +12,7 @@ import json
 import shutil
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 from common import CpuClock, GpuMonitor, emit
@@ -160,6 +161,7 @@ def task_encoders(args: dict) -> dict:
     import torch
 
     from shardkit.buckets import BucketTable
+    from shardkit.build import caption_window_size
     from shardkit.encoders import EncoderStreams, resolve_encoder_streams
     from shardkit.images import decode_and_fit
     from shardkit.plan import Planner
@@ -168,34 +170,38 @@ def task_encoders(args: dict) -> dict:
     config, encoders = _load(args["config"])
     table = BucketTable(config.resolution)
     planner = Planner(config, table, encoders.t5.tokenize, encoders.vae.feature_shape, encoders.t5.hidden_size)
-    batches = []
+    window = caption_window_size(config)
+    batches, caption_windows = [], []
     for plan in planner.plan(iter_records(resolve_source(args["source"]), config.captions)):
         for first in range(0, len(plan.records), config.batch_size):
             records = plan.records[first:first + config.batch_size]
             pixels = [decode_and_fit(r.record.location, plan.bucket, config.resize_mode, config.max_image_pixels,
                                      r.expected_hw, table.uses_lanczos).pixels for r in records]
-            batches.append((torch.from_numpy(np.stack(pixels)), [r.token_ids for r in records]))
+            batches.append(torch.from_numpy(np.stack(pixels)))
+        caption_windows += [[r.token_ids for r in plan.records[first:first + window]]
+                            for first in range(0, len(plan.records), window)]
 
-    def encode(pixels, token_ids) -> tuple[float, float, int, int]:
+    def encode_window(token_ids) -> tuple[float, int, int]:
+        t0 = time.perf_counter()
+        features = encoders.t5.encode_distinct(token_ids, config.t5_batch_size)
+        return time.perf_counter() - t0, len(features), sum(len(f) for f in features.values())
+
+    def encode_images(pixels) -> float:
         t0 = time.perf_counter()
         encoders.vae.encode(pixels)
-        t1 = time.perf_counter()
-        distinct: dict[tuple[int, ...], None] = {}
-        for ids in token_ids:
-            for value in ids.values():
-                distinct.setdefault(tuple(value), None)
-        encoders.t5.encode(list(distinct), config.t5_batch_size)
-        return t1 - t0, time.perf_counter() - t1, len(distinct), sum(len(ids) for ids in distinct)
+        return time.perf_counter() - t0
 
-    # The build's encoder streams (two batches at once on a multi-core CPU): the same work, run as
-    # the build runs it. vae_s and t5_s add up the time of every stream.
+    # The build's work, run as the build runs it: VAE batches and caption windows on its encoder
+    # streams (two at once on a multi-core CPU). vae_s and t5_s add up the time of every stream.
     streams = resolve_encoder_streams(config.encoder_streams, encoders.device)
     with GpuMonitor(config.device == "cuda") as gpu, EncoderStreams(streams) as pool:
         start = CpuClock.now()
-        done = [pool.submit(encode, pixels, token_ids) for pixels, token_ids in batches]
-        vae_s, t5_s, captions, tokens = (sum(values) for values in zip(*(f.result() for f in done)))
+        t5_jobs = [pool.submit(encode_window, token_ids) for token_ids in caption_windows]
+        vae_jobs = [pool.submit(encode_images, pixels) for pixels in batches]
+        vae_s = sum(job.result() for job in vae_jobs)
+        t5_s, captions, tokens = (sum(values) for values in zip(*(job.result() for job in t5_jobs)))
         result = CpuClock.now().since(start)
-    result.update(samples=sum(len(p) for p, _ in batches), vae_s=vae_s, t5_s=t5_s, batches=len(batches), streams=streams,
+    result.update(samples=sum(len(p) for p in batches), vae_s=vae_s, t5_s=t5_s, batches=len(batches), streams=streams,
                   captions=captions, tokens=tokens, **gpu.result(), **_cuda_peak())
     return result
 
@@ -498,7 +504,11 @@ def task_flops(args: dict) -> dict:
     dynamic = [sum(t5_encode_flops(length) for length in lengths) for lengths in args["token_lengths"]]
     padded = [len(lengths) * t5_encode_flops(args["max_length"]) for lengths in args["token_lengths"]]
     n = len(vae)
-    return {"vae_flops": sum(vae) / n, "t5_flops_shardkit": sum(dynamic) / n, "t5_flops_baseline": sum(padded) / n}
+    # What T5 computes under each batching policy: every caption at its batch's padded width.
+    computed = {policy: sum(count * t5_encode_flops(width) for width, count in widths) / n
+                for policy, widths in args.get("t5_widths", {}).items()}
+    return {"vae_flops": sum(vae) / n, "t5_flops_shardkit": sum(dynamic) / n, "t5_flops_baseline": sum(padded) / n,
+            "t5_flops_computed": computed}
 
 
 def task_npz_proxy(args: dict) -> dict:
@@ -594,6 +604,58 @@ def task_plan_remote(args: dict) -> dict:
     finally:
         server.shutdown()
     return {"latency_ms": args["latency_ms"], "runs": results}
+
+
+def task_t5_padding(args: dict) -> dict:
+    """T5 tokens computed (padding included) and T5 calls for a dataset's captions under three
+    groupings, counted from the build's plans (nothing is encoded): each VAE batch's distinct
+    captions sorted and cut every t5_batch_size (shardkit before caption windows); caption windows
+    cut the same way; caption windows cut by ``length_batches`` (shardkit now)."""
+    from shardkit.build import caption_window_size
+    from shardkit.buckets import BucketTable
+    from shardkit.config import BuildConfig
+    from shardkit.encoders import length_batches
+    from shardkit.plan import Planner
+    from shardkit.sources import iter_records, resolve_source
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args["tokenizer"])
+
+    def fixed_cuts(lengths: list[int], size: int) -> list[list[int]]:
+        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+        return [order[start:start + size] for start in range(0, len(order), size)]
+
+    results = {}
+    for batch_size in args["batch_sizes"]:
+        config = BuildConfig(resolution=args["resolution"], batch_size=batch_size, t5_batch_size=args["t5_batch_size"],
+                             device="cpu", progress=False)
+        planner = Planner(config, BucketTable(config.resolution),
+                          lambda text: tokenizer(text, max_length=config.max_length, truncation=True)["input_ids"],
+                          lambda h, w: (8, h // 8, w // 8), 4096)
+        plans = [[r.token_ids for r in plan.records]
+                 for plan in planner.plan(iter_records(resolve_source(args["source"]), config.captions))]
+        window = caption_window_size(config)
+        policies = {"per VAE batch, fixed cuts": (batch_size, fixed_cuts),
+                    "caption windows, fixed cuts": (window, fixed_cuts),
+                    "caption windows, length_batches": (window, length_batches)}
+        counts = {}
+        for name, (group, cut) in policies.items():
+            widths: Counter = Counter()  # padded width -> captions encoded at it
+            calls = valid = 0
+            for plan in plans:
+                for first in range(0, len(plan), group):
+                    lengths = list({ids.tobytes(): len(ids) for fields in plan[first:first + group]
+                                    for ids in fields.values()}.values())
+                    for chunk in cut(lengths, config.t5_batch_size):
+                        widths[max(lengths[i] for i in chunk)] += len(chunk)
+                        calls += 1
+                    valid += sum(lengths)
+            counts[name] = {"calls": calls, "valid_tokens": valid,
+                            "computed_tokens": sum(width * n for width, n in widths.items()),
+                            "widths": sorted(widths.items())}
+        results[str(batch_size)] = {"records": sum(len(p) for p in plans), "plans": len(plans), "window": window,
+                                    "policies": counts}
+    return results
 
 
 def task_write_full_models(args: dict) -> dict:

@@ -45,6 +45,10 @@ _WRITER_BACKLOG = 4
 # Image lookups (size, header) in flight for an object-storage source: enough to hide ~50 ms round
 # trips at thousands of records per second, few enough for any endpoint's connection pool.
 _REMOTE_LOOKUP_THREADS = 32
+# Captions are encoded a window of records ahead rather than per VAE batch: a VAE batch mixes short
+# prompts with long sharegpt4v captions, and sorting this many T5 batches' worth of captions by
+# length before cutting them into T5 batches fills the batches and keeps their padding small.
+_CAPTION_WINDOW_T5_BATCHES = 4
 # What a build writes at the top of OUTPUT (manifests, failures, rank parts and their temp files).
 _BUILD_FILE = re.compile(r"^\.?(manifest(\.rank\d{3,})?\.json|failures(\.rank\d{3,})?\.jsonl)(\.tmp)?$")
 
@@ -79,14 +83,22 @@ class _OpenShard:
     writer: ShardWriter | None = None
     batch: list[tuple[PlannedRecord, DecodeResult]] = field(default_factory=list)
     skips: list[dict] = field(default_factory=list)
+    # Caption windows submitted and still ahead of the batches: window index -> future features.
+    caption_windows: dict[int, futures.Future] = field(default_factory=dict)
+    positions: dict[str, int] = field(default_factory=dict)  # record key -> index in plan.records
+
+    def __post_init__(self) -> None:
+        self.positions = {planned.key: i for i, planned in enumerate(self.plan.records)}
 
 
 @dataclass
-class _EncodedBatch:  # what the encoder streams hand to the writer thread
+class _PendingBatch:
+    """One VAE batch on its way to the writer thread; its encodings may still be running."""
+
     planned: list[PlannedRecord]
     images: list  # TransformedImage per planned record
-    latents: np.ndarray
-    t5: list[dict[str, np.ndarray]]
+    latents: futures.Future  # np.ndarray [B, 2C, h, w]
+    captions: list[futures.Future]  # the caption windows that hold these records' features
 
 
 class BuildJob:
@@ -305,11 +317,13 @@ class BuildJob:
             return
         planned = [p for p, _ in shard.batch]
         images = [r.image for _, r in shard.batch]
-        encoded = self.encoder_streams.submit(self._encode_batch, planned, images)
+        captions = self._caption_windows(shard, planned)
+        latents = self.encoder_streams.submit(self._encode_images, images)
+        pending = _PendingBatch(planned=planned, images=images, latents=latents, captions=captions)
         if shard.writer is None:
             shard.writer = ShardWriter(self.staging, self.ranks.shard_name(shard.plan.name), self.storage)
             self._writers = [w for w in self._writers if not w.committed] + [shard.writer]
-        self._submit(writer, backlog, self._write_batch, shard.plan, shard.writer, encoded)
+        self._submit(writer, backlog, self._write_batch, shard.plan, shard.writer, pending)
         progress(len(shard.batch))
         shard.batch = []
 
@@ -317,23 +331,24 @@ class BuildJob:
         self._flush(shard, writer, backlog, progress)
         self._submit(writer, backlog, self._finish_shard, shard.plan, shard.writer, shard.skips)
 
-    def _encode_batch(self, planned: list[PlannedRecord], images: list) -> _EncodedBatch:
-        pixels = torch.from_numpy(np.stack([image.pixels for image in images]))
-        latents = self.encoders.vae.encode(pixels)
-        encoded = _EncodedBatch(planned=planned, images=images, latents=latents, t5=self._encode_captions(planned))
+    def _encode_images(self, images: list) -> np.ndarray:
+        latents = self.encoders.vae.encode(torch.from_numpy(np.stack([image.pixels for image in images])))
         after_encoder_batch(self.encoders.device)  # CPU builds: hand freed activations back to the OS
-        return encoded
+        return latents
 
-    def _encode_captions(self, planned: list[PlannedRecord]) -> list[dict[str, np.ndarray]]:
-        """Each distinct caption of the batch is encoded once."""
-        distinct: dict[bytes, int] = {}
-        unique_ids: list[np.ndarray] = []
-        for p in planned:
-            for ids in p.token_ids.values():
-                if distinct.setdefault(ids.tobytes(), len(unique_ids)) == len(unique_ids):
-                    unique_ids.append(ids)
-        features = self.encoders.t5.encode(unique_ids, self.config.t5_batch_size)
-        return [{name: features[distinct[ids.tobytes()]] for name, ids in p.token_ids.items()} for p in planned]
+    def _caption_windows(self, shard: "_OpenShard", planned: list[PlannedRecord]) -> list[futures.Future]:
+        """The windows of the plan holding these records' captions, each submitted to the encoders
+        the first time a batch needs it. Batches come in plan order, so earlier windows are let go."""
+        size = caption_window_size(self.config)
+        needed = sorted({shard.positions[p.key] // size for p in planned})
+        for index in [i for i in shard.caption_windows if i < needed[0]]:
+            del shard.caption_windows[index]
+        for index in needed:
+            if index not in shard.caption_windows:
+                records = shard.plan.records[index * size:(index + 1) * size]
+                shard.caption_windows[index] = self.encoder_streams.submit(
+                    self.encoders.t5.encode_distinct, [r.token_ids for r in records], self.config.t5_batch_size)
+        return [shard.caption_windows[index] for index in needed]
 
     # ---- writer thread -------------------------------------------------------------------
     def _guarded_write(self, fn, *args) -> None:
@@ -347,10 +362,15 @@ class BuildJob:
             self._write_failure = exc
             raise
 
-    def _write_batch(self, plan: ShardPlan, shard_writer: ShardWriter, pending: "futures.Future[_EncodedBatch]") -> None:
-        encoded = pending.result()  # batches reach the writer in order, whichever stream finished first
-        for i, planned in enumerate(encoded.planned):
-            shard_writer.add(self._sample(plan, planned, encoded.images[i], encoded.latents[i], encoded.t5[i]))
+    def _write_batch(self, plan: ShardPlan, shard_writer: ShardWriter, pending: _PendingBatch) -> None:
+        # Batches reach the writer in order, whichever encoder stream finished first.
+        latents = pending.latents.result()
+        features: dict[bytes, np.ndarray] = {}
+        for window in pending.captions:
+            features.update(window.result())
+        for i, planned in enumerate(pending.planned):
+            t5 = {name: features[ids.tobytes()] for name, ids in planned.token_ids.items()}
+            shard_writer.add(self._sample(plan, planned, pending.images[i], latents[i], t5))
 
     def _sample(self, plan: ShardPlan, planned: PlannedRecord, image, latent: np.ndarray,
                 t5: dict[str, np.ndarray]) -> Sample:
@@ -397,6 +417,11 @@ class BuildJob:
                 samples=written.samples, bytes=written.bytes, sha256=written.sha256, skipped=shard_skips,
                 token_lengths={name: dict(sorted(c.items(), key=lambda kv: int(kv[0]))) for name, c in sorted(histogram.items())}))
         write_manifest(self.storage, self.manifest, self.ranks.manifest_name)
+
+
+def caption_window_size(config: BuildConfig) -> int:
+    """Records per caption window: a few T5 batches' worth of captions, at least one VAE batch."""
+    return max(config.batch_size, _CAPTION_WINDOW_T5_BATCHES * config.t5_batch_size // len(config.captions))
 
 
 def build(source: str, output: str | Path, config: BuildConfig, overwrite: bool = False,

@@ -14,7 +14,7 @@ import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence, TypeVar
+from typing import Callable, Iterable, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -260,8 +260,9 @@ class VaeEncoder:
 class T5Encoder:
     """T5 encoder that stores only the valid tokens of each caption.
 
-    Captions are sorted by token length and padded per batch (dynamic padding); with the
-    attention mask, T5's outputs on the valid tokens do not depend on how much padding follows.
+    Captions are sorted by token length, cut into batches that keep padding low
+    (``length_batches``) and padded per batch; with the attention mask, T5's outputs on the
+    valid tokens do not depend on how much padding follows.
     """
 
     def __init__(self, config: BuildConfig, device: torch.device):
@@ -299,14 +300,21 @@ class T5Encoder:
 
     def encode(self, token_ids: Sequence[Sequence[int]], batch_size: int) -> list[np.ndarray]:
         """Each caption's valid-token features, [L, D] in the store dtype, in input order."""
-        order = sorted(range(len(token_ids)), key=lambda i: (-len(token_ids[i]), i))
         features: list[np.ndarray | None] = [None] * len(token_ids)
-        for start in range(0, len(order), batch_size):
-            chunk = order[start:start + batch_size]
+        for chunk in length_batches([len(ids) for ids in token_ids], batch_size):
             encoded = _split_on_oom(self._encode, [token_ids[i] for i in chunk])
             for i, array in zip(chunk, encoded):
                 features[i] = array
         return features  # type: ignore[return-value]
+
+    def encode_distinct(self, captions: Iterable[dict[str, np.ndarray]], batch_size: int) -> dict[bytes, np.ndarray]:
+        """Features of every distinct caption among ``captions`` (field -> token ids per record),
+        keyed by the token ids' bytes: a caption shared by records or fields is encoded once."""
+        distinct: dict[bytes, np.ndarray] = {}
+        for fields in captions:
+            for ids in fields.values():
+                distinct.setdefault(ids.tobytes(), ids)
+        return dict(zip(distinct, self.encode(list(distinct.values()), batch_size)))
 
     def _encode(self, batch: Sequence[Sequence[int]]) -> list[np.ndarray]:
         width = max(len(ids) for ids in batch)
@@ -319,6 +327,37 @@ class T5Encoder:
             hidden = self.model(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device)).last_hidden_state
             hidden = hidden.float().cpu().numpy()
         return [hidden[row, :len(ids)].astype(self.store_dtype) for row, ids in enumerate(batch)]
+
+
+# What one more T5 call costs, in tokens of work: each call reads all of the weights again (a GPU
+# reads memory ~300x slower than it computes, so a call is weight-bound below ~300 tokens) and
+# launches hundreds of kernels.
+T5_CALL_COST_TOKENS = 256
+
+
+def length_batches(lengths: Sequence[int], max_batch: int, call_cost: int = T5_CALL_COST_TOKENS) -> list[list[int]]:
+    """Indices of ``lengths`` cut into T5 batches of at most ``max_batch``, longest batch first.
+
+    Sorted by length, the cut points are chosen (dynamic programming) to minimise the tokens
+    computed, padding included, plus ``call_cost`` per batch: fixed-size cuts of sorted captions
+    still pad a batch of long captions to its longest one, a tail that log-normal caption lengths
+    always have.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    best = [0] + [float("inf")] * len(order)  # best[end]: cheapest cut of the `end` shortest
+    cut_at = [0] * (len(order) + 1)
+    for end in range(1, len(order) + 1):
+        width = lengths[order[end - 1]]  # the batch's longest caption sets its padded width
+        for start in range(max(0, end - max_batch), end):
+            cost = best[start] + (end - start) * width + call_cost
+            if cost < best[end]:
+                best[end], cut_at[end] = cost, start
+    batches = []
+    end = len(order)
+    while end:
+        batches.append(order[cut_at[end]:end])
+        end = cut_at[end]
+    return batches
 
 
 def _t5_subfolders(source: str) -> tuple[str | None, str | None]:

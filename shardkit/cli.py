@@ -73,7 +73,7 @@ def _csv(_ctx, _param, value):
 @click.option("--dtype", type=click.Choice(COMPUTE_DTYPES), default=None,
               help="Encoder compute dtype; auto is fp16 on CUDA, fp32 on CPU. [default: auto]")
 @click.option("--batch-size", type=int, default=None, help="Images per VAE batch (one bucket per batch). [default: 16]")
-@click.option("--t5-batch-size", type=int, default=None, help="Captions per T5 batch, sorted by length. [default: 64]")
+@click.option("--t5-batch-size", type=int, default=None, help="Most captions per T5 batch (captions are sorted by length and cut where padding is least). [default: 64]")
 @click.option("--shard-max-count", type=int, default=None, help="Most samples in one shard. [default: 1000]")
 @click.option("--shard-max-bytes", type=int, default=None, help="Most bytes in one shard. [default: 1000000000]")
 @click.option("--device", type=click.Choice(DEVICES), default=None, help="Where the encoders run. [default: auto]")

@@ -515,14 +515,16 @@ def section_plan(ctx: Context) -> None:
     runs = list(result["runs"].values())
     serial = {r["layout"]: _rate(r["records"], r["wall_s"]) for r in runs if r["threads"] == 0}
     rows = [[r["layout"], "inline, one at a time (before)" if r["threads"] == 0 else f"{r['threads']} lookup threads",
-             _rate(r["records"], r["wall_s"]), f"{_rate(r['records'], r['wall_s']) / serial[r['layout']]:.1f}x"]
+             _rate(r["records"], r["wall_s"]), f"{_rate(r['records'], r['wall_s']) / serial[r['layout']]:.1f}x",
+             f"{r['requests'] / r['records']:.1f}", f"{r['bytes_served'] / r['records'] / 1024:,.1f}"]
             for r in runs]
     text = table(f"Planning from object storage ({args.n} records over HTTP on 127.0.0.1, {latency_ms} ms before "
-                 f"each answer)", ["metadata", "image lookups", "records/s", "speed-up"], rows)
+                 f"each answer)", ["metadata", "image lookups", "records/s", "speed-up", "requests/record",
+                                   "KiB served/record"], rows)
     text += ("\nImages kept: the planner needs each image's size (a HEAD) and, where the metadata has no "
-             "width/height, its header (a GET; the size comes with it). build.py uses 32 threads for object-storage "
-             "sources, none for local files. The server runs in the benchmark's process on the same 2 cores, so the "
-             "threaded rates are bounded by this machine's CPU as much as by the lookups.\n")
+             "width/height, its header. build.py uses 32 threads for object-storage sources, none for local files. "
+             "The server runs in the benchmark's process on the same 2 cores, so the threaded rates are bounded by "
+             "this machine's CPU as much as by the lookups.\n")
     report.add("plan", text, result)
 
 

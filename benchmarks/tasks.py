@@ -549,6 +549,7 @@ def task_plan_remote(args: dict) -> dict:
     """
     import functools
     import http.server
+    import io
     import threading
 
     from transformers import AutoTokenizer
@@ -561,10 +562,41 @@ def task_plan_remote(args: dict) -> dict:
     root = Path(args["source"])
     latency = args["latency_ms"] / 1000
 
+    sent = {"bytes": 0, "requests": 0}
+    count_lock = threading.Lock()
+
     class SlowHandler(http.server.SimpleHTTPRequestHandler):
+        """Waits before each answer; answers a single-range GET with 206, as object stores do."""
+
         def send_head(self):
             time.sleep(latency)
-            return super().send_head()
+            with count_lock:
+                sent["requests"] += 1
+            wanted = self.headers.get("Range", "")
+            if self.command != "GET" or not wanted.startswith("bytes="):
+                return super().send_head()
+            path = Path(self.translate_path(self.path))
+            if not path.is_file():
+                return super().send_head()
+            size = path.stat().st_size
+            first, _, last = wanted[len("bytes="):].partition("-")
+            first, last = int(first or 0), min(int(last) if last else size - 1, size - 1)
+            handle = open(path, "rb")
+            handle.seek(first)
+            body = io.BytesIO(handle.read(last - first + 1))
+            handle.close()
+            self.send_response(206)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Range", f"bytes {first}-{last}/{size}")
+            self.send_header("Content-Length", str(last - first + 1))
+            self.end_headers()
+            return body
+
+        def copyfile(self, source, outputfile):
+            data = source.read()
+            with count_lock:
+                sent["bytes"] += len(data)
+            outputfile.write(data)
 
         def log_message(self, *a):
             pass
@@ -588,20 +620,33 @@ def task_plan_remote(args: dict) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(args["tokenizer"])
     config = BuildConfig(resolution=512, captions=["prompt"], keep_images=True, vae="unused", t5="unused")
     results = {}
+    import shardkit.images as images_module
+
+    prefix_bytes = images_module._HEADER_PREFIX_BYTES
+    layouts = (("sizes in metadata (a HEAD per record)", "data_info.json", prefix_bytes),
+               ("no sizes, header from a whole-image GET (before)", "no-sizes.jsonl", 1 << 40),
+               ("no sizes, header from the first 64 KiB (ranged GET; HEAD if larger)", "no-sizes.jsonl", prefix_bytes))
     try:
-        for label, source in (("sizes in metadata (one HEAD per record)", f"{base}/InternData/data_info.json"),
-                              ("no sizes in metadata (one GET per record)", f"{base}/no-sizes.jsonl")):
+        for label, name, header_bytes in layouts:
+            images_module._HEADER_PREFIX_BYTES = header_bytes  # "before": every header read takes the whole file
+            source = f"{base}/{'InternData/' if name == 'data_info.json' else ''}{name}"
             for threads in args["threads"]:
                 planner = Planner(config, BucketTable(512), lambda text: tokenizer(text)["input_ids"],
                                   lambda h, w: (8, h // 8, w // 8), 32, lookup_threads=threads)
                 records = iter_records(resolve_source(source), config.captions)
                 limited = (r for r in records if r.index < args["records"])
+                with count_lock:
+                    sent.update(bytes=0, requests=0)
                 start = CpuClock.now()
                 planned = sum(len(plan.records) for plan in planner.plan(limited))
                 clock = CpuClock.now().since(start)
+                with count_lock:
+                    served_bytes, requests = sent["bytes"], sent["requests"]
                 results[f"{label} | {threads}"] = dict(clock, records=planner.stats.records_read, planned=planned,
-                                                       threads=threads, layout=label)
+                                                       threads=threads, layout=label, bytes_served=served_bytes,
+                                                       requests=requests)
     finally:
+        images_module._HEADER_PREFIX_BYTES = prefix_bytes
         server.shutdown()
     return {"latency_ms": args["latency_ms"], "runs": results}
 

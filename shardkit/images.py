@@ -6,7 +6,9 @@ Runs in the decode workers, so it only touches PIL and numpy; the float conversi
 
 from __future__ import annotations
 
+import contextlib
 import io
+import os
 import threading
 import warnings
 from dataclasses import dataclass
@@ -29,6 +31,11 @@ SIZE_MISMATCH = "size_mismatch"
 _EXIF_ORIENTATION = 0x0112
 _SWAPS_AXES = {5, 6, 7, 8}  # EXIF orientations that rotate by 90 degrees
 _OPEN_LOCK = threading.Lock()
+# How much of a JPEG the planner reads for its header. Everything PIL parses before the image
+# data (SOF, and EXIF: one APP1 segment is at most 64 KiB) almost always lies within it; when
+# not (large ICC profiles), the whole file is read.
+_HEADER_PREFIX_BYTES = 64 * 1024
+_JPEG_MAGIC = b"\xff\xd8\xff"
 
 
 class SourceUnavailable(Exception):
@@ -65,11 +72,11 @@ class TransformedImage:
     extension: str  # lower-case, without the dot
 
 
-def _read_bytes(path: Path | RemotePath | str) -> bytes:
-    """The file's bytes; a URL (s3://...) or RemotePath is read through fsspec."""
-    path = as_location(path)
+@contextlib.contextmanager
+def _reading(path: Path | RemotePath):
+    """Read errors as skips of this record, or as SourceUnavailable for object storage."""
     try:
-        data = path.read_bytes()
+        yield
     except FileNotFoundError:
         raise ImageSkip(MISSING_FILE, f"{path} does not exist") from None
     except IsADirectoryError:
@@ -79,9 +86,31 @@ def _read_bytes(path: Path | RemotePath | str) -> bytes:
             # A network or service error says nothing about the record: stop (resumably), never skip.
             raise SourceUnavailable(f"cannot read {path}: {exc}") from None
         raise ImageSkip(MISSING_FILE, f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _read_bytes(path: Path | RemotePath | str) -> bytes:
+    """The file's bytes; a URL (s3://...) or RemotePath is read through fsspec."""
+    path = as_location(path)
+    with _reading(path):
+        data = path.read_bytes()
     if not data:
         raise ImageSkip(EMPTY_FILE, f"{path} is empty (0 bytes)")
     return data
+
+
+def _read_start(path: Path | RemotePath | str, length: int) -> tuple[bytes, int]:
+    """At least the file's first ``length`` bytes (all of a smaller file) and its size in bytes."""
+    path = as_location(path)
+    with _reading(path):
+        if isinstance(path, RemotePath):
+            data, size = path.read_start(length)
+        else:
+            with open(path, "rb") as handle:
+                size = os.fstat(handle.fileno()).st_size
+                data = handle.read(length)
+    if not size:
+        raise ImageSkip(EMPTY_FILE, f"{path} is empty (0 bytes)")
+    return data, size
 
 
 def _open(data: bytes, path: Path, max_pixels: int) -> Image.Image:
@@ -119,11 +148,38 @@ def _oriented_size(image: Image.Image) -> tuple[int, int]:
 
 
 def read_header(path: Path, max_pixels: int) -> ImageHeader:
-    """Size and format without decoding pixels (PIL reads only the header here)."""
-    data = _read_bytes(path)
-    image = _open(data, path, max_pixels)
+    """Size and format without decoding pixels (PIL reads only the header here).
+
+    Of a JPEG larger than 64 KiB only the start is read: for object storage one ranged read
+    instead of the whole image, which the decode stage reads anyway.
+    """
+    data, size = _read_start(path, _HEADER_PREFIX_BYTES)
+    if len(data) < size:
+        header = _header_from_jpeg_start(data, size, path, max_pixels)
+        if header is not None:
+            return header
+        data = _read_bytes(path)
+    return _header(_open(data, path, max_pixels), size)
+
+
+def _header(image: Image.Image, file_bytes: int) -> ImageHeader:
     width, height = _oriented_size(image)
-    return ImageHeader(width=width, height=height, format=(image.format or "").lower(), file_bytes=len(data))
+    return ImageHeader(width=width, height=height, format=(image.format or "").lower(), file_bytes=file_bytes)
+
+
+def _header_from_jpeg_start(start: bytes, size: int, path: Path, max_pixels: int) -> ImageHeader | None:
+    """The header from a JPEG's first bytes, or None when they do not hold all of it (or it is not a
+    JPEG). PIL parses a JPEG's markers up to the start of scan and fails on a cut segment, so a
+    successful open has read every segment before the pixels, EXIF included."""
+    if not start.startswith(_JPEG_MAGIC):
+        return None
+    try:
+        image = _open(start, path, max_pixels)
+    except ImageSkip as skip:
+        if skip.reason == TOO_MANY_PIXELS:
+            raise  # the size came from a whole SOF segment: a verdict, not a cut
+        return None
+    return _header(image, size)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -99,3 +99,80 @@ def test_bad_files_raise_skips_with_reasons(tmp_path):
     with pytest.raises(ImageSkip) as info:
         decode_and_fit(big, SQUARE, "crop", 100 * 100, None, lanczos=False)
     assert info.value.reason == TOO_MANY_PIXELS
+
+
+def _noisy(width: int, height: int) -> Image.Image:
+    """Noise compresses badly, so the JPEG is far larger than the 64 KiB header read."""
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8), "RGB")
+
+
+def _rotated_exif(orientation: int) -> Image.Exif:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return exif
+
+
+def _count_whole_reads(monkeypatch) -> list:
+    import shardkit.images as images_module
+
+    whole_reads = []
+    read_bytes = images_module._read_bytes
+
+    def counting(path):
+        whole_reads.append(path)
+        return read_bytes(path)
+
+    monkeypatch.setattr(images_module, "_read_bytes", counting)
+    return whole_reads
+
+
+def test_header_of_a_large_jpeg_comes_from_its_first_bytes(tmp_path, monkeypatch):
+    path = _save(tmp_path, _noisy(600, 300), "big.jpg", exif=_rotated_exif(6), quality=95)
+    assert path.stat().st_size > 3 * 64 * 1024
+    whole_reads = _count_whole_reads(monkeypatch)
+    header = read_header(path, 10**8)
+    assert (header.width, header.height, header.format) == (300, 600, "jpeg")  # EXIF turn applied
+    assert header.file_bytes == path.stat().st_size
+    assert whole_reads == []
+    with pytest.raises(ImageSkip) as skip:  # the pixel limit is judged from the first bytes too
+        read_header(path, 1000)
+    assert skip.value.reason == TOO_MANY_PIXELS and whole_reads == []
+
+
+def test_header_past_the_first_bytes_is_read_from_the_whole_file(tmp_path, monkeypatch):
+    """A 200 KB ICC profile (APP2 segments) before the frame header: the first 64 KiB hold no size,
+    so the whole file is read, and the EXIF turn is still applied."""
+    rng = np.random.default_rng(1)
+    icc = bytes(rng.integers(0, 256, 200_000, dtype=np.uint8))
+    path = _save(tmp_path, _noisy(200, 100), "icc.jpg", exif=_rotated_exif(8), icc_profile=icc, quality=90)
+    whole_reads = _count_whole_reads(monkeypatch)
+    header = read_header(path, 10**8)
+    assert (header.width, header.height) == (100, 200) and header.file_bytes == path.stat().st_size
+    assert len(whole_reads) == 1
+
+
+def test_header_of_a_large_png_reads_the_whole_file(tmp_path, monkeypatch):
+    path = _save(tmp_path, _noisy(300, 200), "big.png")
+    whole_reads = _count_whole_reads(monkeypatch)
+    header = read_header(path, 10**8)
+    assert (header.width, header.height, header.format) == (300, 200, "png") and len(whole_reads) == 1
+
+
+def test_header_of_a_remote_jpeg_takes_one_ranged_read(tmp_path):
+    import fsspec
+
+    from shardkit.storage import RemotePath
+
+    path = _save(tmp_path, _noisy(600, 300), "big.jpg", exif=_rotated_exif(6), quality=95)
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/headers/big.jpg", path.read_bytes())
+    remote = RemotePath("memory://headers/big.jpg")
+    start, size = remote.read_start(64 * 1024)
+    assert start == path.read_bytes()[:64 * 1024] and size == path.stat().st_size
+    header = read_header(remote, 10**8)
+    assert (header.width, header.height, header.file_bytes) == (300, 600, path.stat().st_size)
+    small = RemotePath("memory://headers/small.jpg")
+    fs.pipe("/headers/small.jpg", b"\xff\xd8\xff" + b"x" * 10)
+    assert small.read_start(64 * 1024) == (b"\xff\xd8\xff" + b"x" * 10, 13)
+    fs.rm("/headers", recursive=True)

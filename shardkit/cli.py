@@ -80,7 +80,7 @@ def _csv(_ctx, _param, value):
 @click.option("--workers", type=int, default=None, help="Image decode threads (0 decodes in the main thread). [default: 2]")
 @click.option("--encoder-streams", type=int, default=None,
               help="Batches encoded at once, each on its own thread with a share of the CPU threads; "
-                   "0 = auto: 1 on a GPU, 2 on a CPU with 2+ cores. [default: 0]")
+                   "0 = auto: 1 on a GPU, 2 on a CPU where torch uses 2+ threads. [default: 0]")
 @click.option("--progress/--no-progress", default=None, help="Show a progress bar. [default: on]")
 @click.option("--endpoint-url", default=None,
               help="S3-compatible endpoint for s3:// SOURCE and OUTPUT. [default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, else AWS]")

@@ -11,7 +11,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence, TypeVar
@@ -39,24 +38,22 @@ def resolve_device(device: str) -> torch.device:
 
 
 def resolve_encoder_streams(streams: int, device: torch.device) -> int:
-    """``streams`` as asked, or for 0 (auto): one on a GPU, two on a CPU with two cores or more.
+    """``streams`` as asked, or for 0 (auto): one on a GPU; on a CPU two when torch may use two
+    threads or more (its thread count already follows OMP_NUM_THREADS and the cores).
 
-    On a CPU, two batches encoded at once on one intra-op thread each beat one batch on two
-    threads: the VAE's many small ops leave intra-op threads waiting on each other (measured in
-    BENCHMARKS.md). Two, not one per core, so host memory holds at most two batches' activations.
+    On a CPU, two batches encoded at once on half the threads each beat one batch on all of them:
+    the VAE's many small ops leave intra-op threads waiting on each other (BENCHMARKS.md section 1).
+    Two, not one per core, so host memory holds at most two batches' activations.
     """
     if streams:
         return streams
     if device.type != "cpu":
         return 1
-    return 2 if _usable_cores() >= 2 else 1
+    return 2 if _cpu_threads() >= 2 else 1
 
 
-def _usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
+def _cpu_threads() -> int:
+    return torch.get_num_threads()
 
 
 class EncoderStreams:

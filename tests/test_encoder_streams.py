@@ -19,11 +19,11 @@ def _files(output: Path) -> dict[str, bytes]:
 
 
 def test_auto_is_one_stream_on_a_gpu_and_two_on_a_multicore_cpu(monkeypatch):
-    monkeypatch.setattr(encoders_module, "_usable_cores", lambda: 8)
+    monkeypatch.setattr(encoders_module, "_cpu_threads", lambda: 8)
     assert resolve_encoder_streams(0, torch.device("cpu")) == 2
     assert resolve_encoder_streams(0, torch.device("cuda")) == 1
     assert resolve_encoder_streams(3, torch.device("cpu")) == 3  # asked for: taken as given
-    monkeypatch.setattr(encoders_module, "_usable_cores", lambda: 1)
+    monkeypatch.setattr(encoders_module, "_cpu_threads", lambda: 1)
     assert resolve_encoder_streams(0, torch.device("cpu")) == 1
 
 

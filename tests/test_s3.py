@@ -263,3 +263,20 @@ def test_unreadable_source_stops_resumably_instead_of_skipping(s3, toy_build, ma
                     storage_options=_options(s3))
     assert summary.skipped == 0 and summary.written == 17 and summary.shards_reused > 0
     assert _local_files(output) == _local_files(toy_build)
+
+
+def test_header_of_a_large_jpeg_in_a_bucket_takes_a_ranged_read(s3, s3fs_client, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from shardkit.images import read_header
+    from shardkit.storage import RemotePath
+
+    rng = np.random.default_rng(0)
+    local = tmp_path / "noise.jpg"
+    Image.fromarray(rng.integers(0, 256, (300, 600, 3), dtype=np.uint8)).save(local, quality=95)
+    s3fs_client.put(str(local), f"{BUCKET}/headers/noise.jpg")
+    remote = RemotePath(f"s3://{BUCKET}/headers/noise.jpg", _options(s3))
+    start, size = remote.read_start(64 * 1024)
+    assert start == local.read_bytes()[:64 * 1024] and size == local.stat().st_size > 64 * 1024
+    assert read_header(remote, 10**8) == read_header(local, 10**8)

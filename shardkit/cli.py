@@ -157,10 +157,12 @@ def tiny_models(dest, seed, force):
 @click.option("--storage-options", default=None, help="More fsspec options for a URL OUTPUT, as JSON.")
 @click.option("--allow-incomplete", is_flag=True,
               help="Treat an unfinished (resumable) build as a warning: only damage to what it wrote fails --verify.")
+@click.option("--jobs", type=click.IntRange(1, 256), default=None,
+              help="Shards verified at once (threads); more help most when OUTPUT is in object storage. [default: 4]")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar while verifying. [default: on]")
 @_user_errors
 def inspect_command(output, verify, as_json, preview, decode_with, decode_subfolder, thumbs_per_bucket, endpoint_url,
-                    storage_options, allow_incomplete, progress):
+                    storage_options, allow_incomplete, jobs, progress):
     """Show what the shard set in OUTPUT holds and, with --verify, prove every byte of it sound.
 
     OUTPUT is a `shardkit build` output folder or URL. Exit code 0: sound (or summary only);
@@ -177,7 +179,7 @@ def inspect_command(output, verify, as_json, preview, decode_with, decode_subfol
         raise ShardkitError("--decode-subfolder needs --decode-with VAE")
     report = inspect_output(output, verify_shards=verify, progress=progress and not as_json, preview=preview,
                             thumbs_per_bucket=thumbs_per_bucket, decode_with=decode_with, decode_subfolder=decode_subfolder,
-                            allow_incomplete=allow_incomplete,
+                            allow_incomplete=allow_incomplete, jobs=jobs,
                             storage_options=storage_options_for(output, endpoint_url, parse_storage_options(storage_options)))
     click.echo(json.dumps(report.as_json(), indent=2, ensure_ascii=False) if as_json else format_report(report))
     sys.exit(report.exit_code)

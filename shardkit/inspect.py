@@ -8,11 +8,13 @@ opened through fsspec, so OUTPUT may be a local folder or a URL.
 
 from __future__ import annotations
 
+import concurrent.futures as futures
 import hashlib
 import io
 import json
 import logging
 import tarfile
+import threading
 import time
 from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
@@ -561,12 +563,21 @@ class Verification:
         return {f.kind for f in self.findings}
 
 
+@dataclass
+class _ShardResult:
+    """One shard's verification, made on a worker thread and merged in shard order."""
+
+    check: ShardCheck | None
+    findings: list[Finding]
+
+
 class _Verifier:
-    def __init__(self, shard_set: ShardSet, progress: bool, allow_incomplete: bool = False):
+    def __init__(self, shard_set: ShardSet, progress: bool, allow_incomplete: bool, jobs: int):
         self.shard_set = shard_set
         self.manifest = shard_set.manifest
         self.checker = _SampleChecker(_Expectations.from_manifest(shard_set.manifest))
         self.progress = progress
+        self.jobs = jobs
         # An interrupted build is resumable, not broken: with allow_incomplete its unfinished state is
         # a warning, and only damage to what it has written is a problem.
         self.incomplete_ok = allow_incomplete and shard_set.manifest.status != "complete"
@@ -592,16 +603,29 @@ class _Verifier:
         on_disk = self._list_shard_folder()
         entries = sorted(manifest.shards, key=lambda e: e.path)
         checks: list[ShardCheck] = []
+        bar_lock = threading.Lock()
         with tqdm(total=sum(e.bytes for e in entries), unit="B", unit_scale=True, unit_divisor=1024,
-                  desc="verify", disable=not self.progress, dynamic_ncols=True) as bar:
+                  desc="verify", disable=not self.progress, dynamic_ncols=True) as bar, \
+                futures.ThreadPoolExecutor(max_workers=self.jobs, thread_name_prefix="shardkit-verify") as pool:
+            def on_bytes(count: int) -> None:
+                with bar_lock:
+                    bar.update(count)
+
+            # Shards are read and checked on `jobs` threads (hashing, decompression and numpy let go
+            # of the GIL; object storage reads wait on the network); results merge in shard order,
+            # so the report does not depend on the thread count.
+            results = pool.map(lambda entry: self._verify_shard(entry, on_bytes),
+                               [entry for entry in entries if entry.path in on_disk])
             for entry in entries:
                 if entry.path not in on_disk:
                     self.problem(MISSING_SHARD, entry.path, None, "listed in the manifest but not in the shard folder")
-                    bar.update(entry.bytes)
+                    on_bytes(entry.bytes)
                     continue
-                check = self._verify_shard(entry, bar.update)
-                if check is not None:
-                    checks.append(check)
+                result = next(results)
+                self.findings.extend(result.findings)
+                if result.check is not None:
+                    self._check_keys_across_shards(result.check)
+                    checks.append(result.check)
         self._check_counts(checks)
         return Verification(shards_checked=len(checks), samples_checked=sum(c.samples for c in checks),
                             bytes_read=sum(c.bytes for c in checks), seconds=time.perf_counter() - start,
@@ -635,75 +659,84 @@ class _Verifier:
                 present.add(relative)
         return present
 
-    def _verify_shard(self, entry: ShardEntry, on_bytes) -> ShardCheck | None:
+    def _check_keys_across_shards(self, check: ShardCheck) -> None:
+        for key in check.keys:
+            owner = self.key_owner.setdefault(key, check.path)
+            if owner != check.path:
+                self.problem(DUPLICATE_KEY, check.path, key, f"the same key is already in {owner}")
+
+    def _verify_shard(self, entry: ShardEntry, on_bytes) -> _ShardResult:
+        """One shard on its own (a worker thread): its findings are collected, not recorded."""
         path = entry.path
+        found: list[Finding] = []
+
+        def problem(kind: str, key: str | None, message: str) -> None:
+            found.append(Finding(kind, path, key, message))
+
         expected_hw = self.manifest.buckets.get(entry.bucket)
         if expected_hw is not None and list(expected_hw) != list(entry.bucket_hw):
-            self.problem(BUCKET_MISMATCH, path, None, f"the manifest lists bucket {entry.bucket} as {entry.bucket_hw}, "
-                                                      f"its bucket table says {expected_hw}")
+            problem(BUCKET_MISMATCH, None, f"the manifest lists bucket {entry.bucket} as {entry.bucket_hw}, "
+                                           f"its bucket table says {expected_hw}")
         keys_in_order: list[str] = []
         lengths: dict[str, Counter] = {}
-        findings_before = len(self.findings)
+        findings_before = len(found)
         read_whole = False
         try:
             with self.shard_set.open(path) as fh:
                 reader = _HashingReader(fh, on_bytes)
                 try:
-                    read_whole = self._read_tar(entry, reader, keys_in_order, lengths)
+                    read_whole = self._read_tar(entry, reader, keys_in_order, lengths, found, problem)
                 finally:
                     reader.drain()
         except FileNotFoundError:
-            self.problem(MISSING_SHARD, path, None, "listed in the manifest but gone when read")
-            return None
+            problem(MISSING_SHARD, None, "listed in the manifest but gone when read")
+            return _ShardResult(None, found)
         except OSError as exc:
-            self.problem(UNREADABLE_SHARD, path, None, f"cannot read the file: {exc}")
-            return None
+            problem(UNREADABLE_SHARD, None, f"cannot read the file: {exc}")
+            return _ShardResult(None, found)
         stated = {name: {str(k): int(v) for k, v in hist.items()} for name, hist in entry.token_lengths.items()}
         observed = {name: {str(k): v for k, v in counter.items()} for name, counter in lengths.items()}
         # Only a shard whose samples all read cleanly can be compared; other findings already name the damage.
-        if read_whole and len(self.findings) == findings_before and stated and stated != observed:
-            self.problem(TOKEN_LENGTHS_MISMATCH, path, None, "the T5 lengths stored in the shard differ from the "
-                                                             "manifest's token_lengths histogram for this shard")
+        if read_whole and len(found) == findings_before and stated and stated != observed:
+            problem(TOKEN_LENGTHS_MISMATCH, None, "the T5 lengths stored in the shard differ from the "
+                                                  "manifest's token_lengths histogram for this shard")
         if reader.size != entry.bytes:
-            self.problem(SIZE_MISMATCH, path, None, f"the file is {reader.size} bytes, the manifest says {entry.bytes}")
+            problem(SIZE_MISMATCH, None, f"the file is {reader.size} bytes, the manifest says {entry.bytes}")
         digest = reader.sha256.hexdigest()
         if digest != entry.sha256:
-            self.problem(SHA256_MISMATCH, path, None, f"sha256 is {digest}, the manifest says {entry.sha256}")
+            problem(SHA256_MISMATCH, None, f"sha256 is {digest}, the manifest says {entry.sha256}")
         if len(keys_in_order) != entry.samples:
-            self.problem(COUNT_MISMATCH, path, None, f"holds {len(keys_in_order)} samples, the manifest says {entry.samples}")
-        return ShardCheck(path=path, bucket=entry.bucket, samples=len(keys_in_order), bytes=reader.size, keys=keys_in_order)
+            problem(COUNT_MISMATCH, None, f"holds {len(keys_in_order)} samples, the manifest says {entry.samples}")
+        check = ShardCheck(path=path, bucket=entry.bucket, samples=len(keys_in_order), bytes=reader.size, keys=keys_in_order)
+        return _ShardResult(check, found)
 
     def _read_tar(self, entry: ShardEntry, reader: _HashingReader, keys_in_order: list[str],
-                  lengths: dict[str, Counter]) -> bool:
+                  lengths: dict[str, Counter], found: list[Finding], problem) -> bool:
         """Check every sample on the single streaming pass; True if the tar read to its proper end."""
-        path = entry.path
         seen_here: set[str] = set()
         try:
             tar = tarfile.open(fileobj=reader, mode="r|", bufsize=_READ_CHUNK)
             for run in iter_member_runs(tar):
                 result = self.checker.check(entry, run)
-                self.findings.extend(result.findings)
+                found.extend(result.findings)
                 key = result.key
                 if key in seen_here:
-                    self.problem(NON_ADJACENT_MEMBERS, path, key, "members of this key are split by another sample's: "
-                                                                 "WebDataset would read them as separate, incomplete samples")
+                    problem(NON_ADJACENT_MEMBERS, key, "members of this key are split by another sample's: "
+                                                       "WebDataset would read them as separate, incomplete samples")
                     continue
                 seen_here.add(key)
                 keys_in_order.append(key)
                 for name, length in result.token_lengths.items():
                     lengths.setdefault(name, Counter())[str(length)] += 1
-                owner = self.key_owner.setdefault(key, path)
-                if owner != path:
-                    self.problem(DUPLICATE_KEY, path, key, f"the same key is already in {owner}")
         except tarfile.ReadError as exc:
             if str(exc) in ("unexpected end of data", "empty file"):
-                self.problem(TRUNCATED_TAR, path, None, f"the tar ends inside a member after {len(keys_in_order)} "
-                                                        f"whole samples ({exc}): the file was cut short")
+                problem(TRUNCATED_TAR, None, f"the tar ends inside a member after {len(keys_in_order)} "
+                                             f"whole samples ({exc}): the file was cut short")
             else:
-                self.problem(UNREADABLE_MEMBER, path, None, f"not a readable tar after {len(keys_in_order)} samples: {exc}")
+                problem(UNREADABLE_MEMBER, None, f"not a readable tar after {len(keys_in_order)} samples: {exc}")
             return False
         except tarfile.TarError as exc:
-            self.problem(UNREADABLE_MEMBER, path, None, f"tar error after {len(keys_in_order)} samples: {exc}")
+            problem(UNREADABLE_MEMBER, None, f"tar error after {len(keys_in_order)} samples: {exc}")
             return False
         # tarfile ends its iteration quietly at a damaged header or at the end of the data;
         # a sound tar ends with two zero blocks where iteration stopped.
@@ -711,12 +744,12 @@ class _Verifier:
         reader.read_until(end + 2 * _BLOCK)
         marker = reader.bytes_at(end, 2 * _BLOCK)
         if len(marker) < 2 * _BLOCK:
-            self.problem(TRUNCATED_TAR, path, None, f"the tar stops at byte {end + len(marker)} without its "
-                                                    f"end-of-archive blocks: the file was cut short")
+            problem(TRUNCATED_TAR, None, f"the tar stops at byte {end + len(marker)} without its "
+                                         f"end-of-archive blocks: the file was cut short")
             return False
         if marker.strip(b"\0"):
-            self.problem(UNREADABLE_MEMBER, path, None, f"the tar header at byte {end} is damaged: the members "
-                                                        f"after it cannot be read")
+            problem(UNREADABLE_MEMBER, None, f"the tar header at byte {end} is damaged: the members "
+                                             f"after it cannot be read")
             return False
         return True
 
@@ -745,9 +778,15 @@ class _Verifier:
                                                      f"say {totals.get('samples')}")
 
 
-def verify(shard_set: ShardSet, progress: bool = False, allow_incomplete: bool = False) -> Verification:
-    """Read every shard end to end once and check it against the manifest and the shard format."""
-    return _Verifier(shard_set, progress, allow_incomplete).run()
+# Shards verified at once: enough to overlap object-storage reads and use a few cores for hashing.
+DEFAULT_VERIFY_JOBS = 4
+
+
+def verify(shard_set: ShardSet, progress: bool = False, allow_incomplete: bool = False,
+           jobs: int = DEFAULT_VERIFY_JOBS) -> Verification:
+    """Read every shard end to end once and check it against the manifest and the shard format,
+    ``jobs`` shards at a time."""
+    return _Verifier(shard_set, progress, allow_incomplete, jobs).run()
 
 
 # ---- the report --------------------------------------------------------------------------
@@ -782,12 +821,13 @@ class InspectReport:
 def inspect_output(output: str, verify_shards: bool = False, progress: bool = False, preview: str | None = None,
                    thumbs_per_bucket: int = 4, decode_with: str | None = None,
                    decode_subfolder: str | None = None, allow_incomplete: bool = False,
-                   storage_options: dict[str, Any] | None = None) -> InspectReport:
+                   storage_options: dict[str, Any] | None = None, jobs: int | None = None) -> InspectReport:
     """The whole `shardkit inspect`: summary from the manifest, then the optional verification and preview."""
     shard_set = open_shard_set(output, storage_options)
     report = InspectReport(summary=summarize(shard_set))
     if verify_shards:
-        report.verification = verify(shard_set, progress=progress, allow_incomplete=allow_incomplete)
+        report.verification = verify(shard_set, progress=progress, allow_incomplete=allow_incomplete,
+                                     jobs=jobs or DEFAULT_VERIFY_JOBS)
     if preview:
         from .preview import render_preview
 

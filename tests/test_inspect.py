@@ -447,6 +447,50 @@ def test_reads_any_fsspec_filesystem(toy_build):
         memory.rm(root, recursive=True)
 
 
+def test_report_does_not_depend_on_how_many_shards_are_verified_at_once(copy):
+    """Damage in four shards (a NaN, a cut, a missing file, a key planted twice): the same findings,
+    in the same order, with one thread or eight."""
+    key = sample_keys(copy / SHARD)[1]
+
+    def poison(array):
+        array = array.copy()
+        array[0, 0] = np.nan
+        return array
+
+    rewrite_member(copy, SHARD, f"{key}.t5_prompt.npy", npy_transform(poison))
+    others = sorted(p for p in (copy / "shards").glob("*.tar") if p.name != Path(SHARD).name)
+    cut = others[0].read_bytes()
+    others[0].write_bytes(cut[:len(cut) // 2])
+    others[-1].unlink()
+    reports = []
+    for jobs in ("1", "8"):
+        result = inspect(str(copy), "--verify", "--json", "--jobs", jobs)
+        assert result.exit_code == 1
+        reports.append(json.loads(result.stdout))
+    assert reports[0]["findings"] == reports[1]["findings"]
+    assert {"non_finite", "truncated_tar", "missing_shard"} <= kinds(reports[0])
+
+
+def test_shards_are_verified_on_several_threads(toy_build, monkeypatch):
+    import threading
+
+    from shardkit import inspect as inspect_module
+
+    both_running = threading.Barrier(2, timeout=20)  # breaks unless two shards are verified at once
+    original = inspect_module._Verifier._verify_shard
+    started = []
+
+    def verify_shard(self, entry, on_bytes):
+        started.append(entry.path)
+        if len(started) <= 2:
+            both_running.wait()
+        return original(self, entry, on_bytes)
+
+    monkeypatch.setattr(inspect_module._Verifier, "_verify_shard", verify_shard)
+    result = inspect(str(toy_build), "--verify", "--json", "--jobs", "2")
+    assert result.exit_code == 0 and json.loads(result.stdout)["verification"]["shards_checked"] == 13
+
+
 def test_user_errors_exit_2_with_one_line(tmp_path, toy_build):
     missing = inspect(str(tmp_path / "nowhere"))
     assert missing.exit_code == 2 and missing.stderr.startswith("error: no manifest.json")

@@ -6,6 +6,7 @@ script, and a benchmark must not make them pay for importing torch.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import platform
@@ -145,3 +146,60 @@ def table(title: str, header: list[str], rows: list[list]) -> str:
     lines = [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
+
+
+class SlowHttpServer:
+    """A folder served over HTTP on 127.0.0.1, waiting ``latency`` seconds before each answer (an
+    object store's first-byte latency) and answering single-range GETs with 206, as object stores
+    do; it counts the requests and the bytes it sends."""
+
+    def __init__(self, directory: Path, latency: float):
+        import functools
+        import http.server
+        import threading
+
+        self.sent = {"bytes": 0, "requests": 0}
+        self.lock = threading.Lock()
+        sent, lock = self.sent, self.lock
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def send_head(self):
+                time.sleep(latency)
+                with lock:
+                    sent["requests"] += 1
+                wanted = self.headers.get("Range", "")
+                path = Path(self.translate_path(self.path))
+                if self.command != "GET" or not wanted.startswith("bytes=") or not path.is_file():
+                    return super().send_head()
+                size = path.stat().st_size
+                first, _, last = wanted[len("bytes="):].partition("-")
+                first, last = int(first or 0), min(int(last) if last else size - 1, size - 1)
+                with open(path, "rb") as handle:
+                    handle.seek(first)
+                    body = io.BytesIO(handle.read(last - first + 1))
+                self.send_response(206)
+                self.send_header("Content-Type", "application/octet-stream")
+                self.send_header("Content-Range", f"bytes {first}-{last}/{size}")
+                self.send_header("Content-Length", str(last - first + 1))
+                self.end_headers()
+                return body
+
+            def copyfile(self, source, outputfile):
+                data = source.read()
+                with lock:
+                    sent["bytes"] += len(data)
+                outputfile.write(data)
+
+            def log_message(self, *a):
+                pass
+
+        class Server(http.server.ThreadingHTTPServer):
+            daemon_threads = True
+            request_queue_size = 256  # the default 5 refuses concurrent connections and clients retry after 1 s
+
+        self._server = Server(("127.0.0.1", 0), functools.partial(Handler, directory=str(directory)))
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def shutdown(self) -> None:
+        self._server.shutdown()

@@ -45,7 +45,7 @@ from procmon import run_with_peak  # noqa: E402
 FULL_HIDDEN = 4096  # T5-XXL
 FULL_LATENT_CHANNELS = 4  # SDXL VAE
 MAX_LENGTH = 300
-SECTIONS = ("build", "host", "bytes", "read", "memory", "stages", "plan", "flops", "gpu")
+SECTIONS = ("build", "host", "bytes", "read", "memory", "stages", "plan", "verify", "flops", "gpu")
 
 
 def _parse() -> argparse.Namespace:
@@ -415,15 +415,20 @@ def _read_comparison(ctx: Context, build: Path, features: Path, width: str) -> t
     return rows, {"runs": runs, "reader_error": reader_error}
 
 
+def _widen(ctx: Context) -> dict:
+    """The same samples with T5 rows of the real width: only the caption features change size."""
+    out = ctx.out
+    return run_task("widen", {"build": str(out / "build"), "out": str(out / "build-wide"), "hidden": FULL_HIDDEN,
+                              "features": str(out / "baseline"), "features_out": str(out / "baseline-wide"),
+                              "resolution": ctx.args.resolution, "field": "prompt"})
+
+
 def section_read(ctx: Context) -> None:
     """Read throughput: shardkit.reader, per-file reading, raw tar bytes; tiny and real T5 width."""
     args, out, report = ctx.args, ctx.out, ctx.report
     loads = [_load()]
     rows, tiny = _read_comparison(ctx, out / "build", out / "baseline", "32 (tiny)")
-    # The same samples with T5 rows of the real width: only the caption features change size.
-    wide = run_task("widen", {"build": str(out / "build"), "out": str(out / "build-wide"), "hidden": FULL_HIDDEN,
-                              "features": str(out / "baseline"), "features_out": str(out / "baseline-wide"),
-                              "resolution": args.resolution, "field": "prompt"})
+    wide = _widen(ctx)
     wide_rows, wide_runs = _read_comparison(ctx, Path(wide["build"]), Path(wide["features"]), f"{FULL_HIDDEN} (random values)")
     loads.append(_load())
     text = table(f"Read throughput, warm page cache, batch {args.read_batch_size}, field 'prompt' "
@@ -526,6 +531,32 @@ def section_plan(ctx: Context) -> None:
              "The server runs in the benchmark's process on the same 2 cores, so the threaded rates are bounded by "
              "this machine's CPU as much as by the lookups.\n")
     report.add("plan", text, result)
+
+
+def section_verify(ctx: Context) -> None:
+    """`shardkit inspect --verify` of the real-width build: one shard at a time against several,
+    from local disk and over HTTP with an object store's latency."""
+    args, out, report = ctx.args, ctx.out, ctx.report
+    wide = out / "build-wide"
+    if not (wide / "manifest.json").is_file():
+        _widen(ctx)
+    latency_ms = 20
+    result = run_task("verify", {"build": str(wide), "latency_ms": latency_ms, "jobs": [1, 4, 8],
+                                 "repeats": args.repeats})
+    best: dict[tuple[str, int], dict] = {}
+    for run in result["runs"]:
+        key = (run["where"], run["jobs"])
+        if key not in best or run["wall_s"] < best[key]["wall_s"]:
+            best[key] = run
+    rows = [[where, jobs, run["wall_s"], run["bytes"] / run["wall_s"] / 1e6,
+             f"{best[(where, 1)]['wall_s'] / run['wall_s']:.2f}x", "sound" if run["sound"] else "NOT SOUND"]
+            for (where, jobs), run in best.items()]
+    text = table(f"inspect --verify of the T5-width-4096 build ({next(iter(best.values()))['shards']} shards, "
+                 f"{next(iter(best.values()))['bytes'] / 1e6:.0f} MB; best of {args.repeats})",
+                 ["shards read from", "--jobs", "seconds", "MB/s", "speed-up", "verdict"], rows)
+    text += ("\nThe HTTP server answers after 20 ms and runs in the benchmark's process on the same cores: "
+             "more jobs overlap the waits, and then the hashing, tar parsing and value checks bound the rate.\n")
+    report.add("verify", text, result)
 
 
 def section_flops(ctx: Context) -> None:
@@ -634,7 +665,7 @@ def main() -> None:
     started = time.perf_counter()
     ctx = Context(args)
     chosen = args.only or [s for s in SECTIONS if not (s == "memory" and args.skip_memory)]
-    if any(s in chosen for s in ("bytes", "read")) and "build" not in chosen:
+    if any(s in chosen for s in ("bytes", "read", "verify")) and "build" not in chosen:
         ctx.ensure_builds()
     for name in SECTIONS:
         if name in chosen:

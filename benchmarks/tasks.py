@@ -15,7 +15,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from common import CpuClock, GpuMonitor, emit
+from common import CpuClock, GpuMonitor, SlowHttpServer, emit
 
 
 # ---- shared -------------------------------------------------------------------------------
@@ -547,60 +547,15 @@ def task_plan_remote(args: dict) -> dict:
     answer, the first-byte latency of an object store. Planning needs each image's size (images are
     kept) and, where the metadata has no width/height, its header: one request per record.
     """
-    import functools
-    import http.server
-    import io
-    import threading
-
     from transformers import AutoTokenizer
 
+    import shardkit.images as images_module
     from shardkit.buckets import BucketTable
     from shardkit.config import BuildConfig
     from shardkit.plan import Planner
     from shardkit.sources import iter_records, resolve_source
 
     root = Path(args["source"])
-    latency = args["latency_ms"] / 1000
-
-    sent = {"bytes": 0, "requests": 0}
-    count_lock = threading.Lock()
-
-    class SlowHandler(http.server.SimpleHTTPRequestHandler):
-        """Waits before each answer; answers a single-range GET with 206, as object stores do."""
-
-        def send_head(self):
-            time.sleep(latency)
-            with count_lock:
-                sent["requests"] += 1
-            wanted = self.headers.get("Range", "")
-            if self.command != "GET" or not wanted.startswith("bytes="):
-                return super().send_head()
-            path = Path(self.translate_path(self.path))
-            if not path.is_file():
-                return super().send_head()
-            size = path.stat().st_size
-            first, _, last = wanted[len("bytes="):].partition("-")
-            first, last = int(first or 0), min(int(last) if last else size - 1, size - 1)
-            handle = open(path, "rb")
-            handle.seek(first)
-            body = io.BytesIO(handle.read(last - first + 1))
-            handle.close()
-            self.send_response(206)
-            self.send_header("Content-Type", "application/octet-stream")
-            self.send_header("Content-Range", f"bytes {first}-{last}/{size}")
-            self.send_header("Content-Length", str(last - first + 1))
-            self.end_headers()
-            return body
-
-        def copyfile(self, source, outputfile):
-            data = source.read()
-            with count_lock:
-                sent["bytes"] += len(data)
-            outputfile.write(data)
-
-        def log_message(self, *a):
-            pass
-
     # The served folder: the dataset (linked) plus a JSON Lines source without width/height, so
     # that the planner must read each image's header.
     served = _fresh(args["work"])
@@ -610,18 +565,12 @@ def task_plan_remote(args: dict) -> dict:
     items = json.loads((root / "InternData" / "data_info.json").read_text())
     (served / "no-sizes.jsonl").write_text("".join(
         json.dumps({"path": f"InternImgs/{it['path']}", "prompt": it["prompt"]}) + "\n" for it in items[:args["records"]]))
-    class Server(http.server.ThreadingHTTPServer):
-        daemon_threads = True
-        request_queue_size = 256  # the default 5 refuses concurrent connections and clients retry after 1 s
-
-    server = Server(("127.0.0.1", 0), functools.partial(SlowHandler, directory=str(served)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    base = f"http://127.0.0.1:{server.server_address[1]}"
+    server = SlowHttpServer(served, args["latency_ms"] / 1000)
+    sent, count_lock = server.sent, server.lock
+    base = server.url
     tokenizer = AutoTokenizer.from_pretrained(args["tokenizer"])
     config = BuildConfig(resolution=512, captions=["prompt"], keep_images=True, vae="unused", t5="unused")
     results = {}
-    import shardkit.images as images_module
-
     prefix_bytes = images_module._HEADER_PREFIX_BYTES
     layouts = (("sizes in metadata (a HEAD per record)", "data_info.json", prefix_bytes),
                ("no sizes, header from a whole-image GET (before)", "no-sizes.jsonl", 1 << 40),
@@ -649,6 +598,27 @@ def task_plan_remote(args: dict) -> dict:
         images_module._HEADER_PREFIX_BYTES = prefix_bytes
         server.shutdown()
     return {"latency_ms": args["latency_ms"], "runs": results}
+
+
+def task_verify(args: dict) -> dict:
+    """`inspect --verify` of a build with 1 and more shards at a time: from local disk, and served
+    over HTTP with ``latency_ms`` before each answer (object storage)."""
+    from shardkit.inspect import inspect_output
+
+    results = []
+    server = SlowHttpServer(Path(args["build"]), args["latency_ms"] / 1000)
+    try:
+        for _ in range(args["repeats"]):
+            for where, location in (("local disk", args["build"]), (f"HTTP, {args['latency_ms']} ms", server.url)):
+                for jobs in args["jobs"]:
+                    start = CpuClock.now()
+                    report = inspect_output(location, verify_shards=True, jobs=jobs)
+                    results.append(dict(CpuClock.now().since(start), where=where, jobs=jobs, sound=report.verification.sound,
+                                        shards=report.verification.shards_checked,
+                                        bytes=report.verification.bytes_read))
+    finally:
+        server.shutdown()
+    return {"runs": results}
 
 
 def task_t5_padding(args: dict) -> dict:

@@ -85,7 +85,7 @@ class _OpenShard:
     skips: list[dict] = field(default_factory=list)
     # Caption windows submitted and still ahead of the batches: window index -> future features.
     caption_windows: dict[int, futures.Future] = field(default_factory=dict)
-    positions: dict[str, int] = field(default_factory=dict)  # record key -> index in plan.records
+    positions: dict[str, int] = field(init=False)  # record key -> index in plan.records
 
     def __post_init__(self) -> None:
         self.positions = {planned.key: i for i, planned in enumerate(self.plan.records)}

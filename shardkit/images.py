@@ -56,7 +56,7 @@ class ImageHeader:
     width: int  # after EXIF orientation
     height: int
     format: str
-    file_bytes: int  # size of the file, read with the header (no separate size lookup needed)
+    file_bytes: int | None  # size of the file, read with the header; None when not asked for
 
 
 @dataclass
@@ -98,19 +98,31 @@ def _read_bytes(path: Path | RemotePath | str) -> bytes:
     return data
 
 
-def _read_start(path: Path | RemotePath | str, length: int) -> tuple[bytes, int]:
-    """At least the file's first ``length`` bytes (all of a smaller file) and its size in bytes."""
+def _read_start(path: Path | RemotePath | str, length: int, need_size: bool) -> tuple[bytes, int | None]:
+    """At least the file's first ``length`` bytes (all of a smaller file) and its size in bytes.
+
+    Without ``need_size`` the size of an object longer than ``length`` is None: object storage
+    then answers with one ranged GET and no HEAD.
+    """
     path = as_location(path)
     with _reading(path):
         if isinstance(path, RemotePath):
-            data, size = path.read_start(length)
+            data, size = path.read_start(length, need_size)
         else:
             with open(path, "rb") as handle:
                 size = os.fstat(handle.fileno()).st_size
                 data = handle.read(length)
-    if not size:
+    if not data:
         raise ImageSkip(EMPTY_FILE, f"{path} is empty (0 bytes)")
     return data, size
+
+
+def file_size(path: Path | RemotePath | str) -> int:
+    """The file's size in bytes; read errors map as for the image's bytes (a skip, or
+    SourceUnavailable for object storage)."""
+    path = as_location(path)
+    with _reading(path):
+        return path.stat().st_size
 
 
 def _open(data: bytes, path: Path, max_pixels: int) -> Image.Image:
@@ -147,27 +159,29 @@ def _oriented_size(image: Image.Image) -> tuple[int, int]:
     return image.width, image.height
 
 
-def read_header(path: Path, max_pixels: int) -> ImageHeader:
+def read_header(path: Path, max_pixels: int, need_size: bool = True) -> ImageHeader:
     """Size and format without decoding pixels (PIL reads only the header here).
 
     Of a JPEG larger than 64 KiB only the start is read: for object storage one ranged read
-    instead of the whole image, which the decode stage reads anyway.
+    instead of the whole image, which the decode stage reads anyway. ``need_size=False`` (a build
+    that does not keep images) leaves ``file_bytes`` None where learning it would cost a request.
     """
-    data, size = _read_start(path, _HEADER_PREFIX_BYTES)
-    if len(data) < size:
+    data, size = _read_start(path, _HEADER_PREFIX_BYTES, need_size)
+    if size is None or len(data) < size:
         header = _header_from_jpeg_start(data, size, path, max_pixels)
         if header is not None:
             return header
         data = _read_bytes(path)
+        size = len(data)
     return _header(_open(data, path, max_pixels), size)
 
 
-def _header(image: Image.Image, file_bytes: int) -> ImageHeader:
+def _header(image: Image.Image, file_bytes: int | None) -> ImageHeader:
     width, height = _oriented_size(image)
     return ImageHeader(width=width, height=height, format=(image.format or "").lower(), file_bytes=file_bytes)
 
 
-def _header_from_jpeg_start(start: bytes, size: int, path: Path, max_pixels: int) -> ImageHeader | None:
+def _header_from_jpeg_start(start: bytes, size: int | None, path: Path, max_pixels: int) -> ImageHeader | None:
     """The header from a JPEG's first bytes, or None when they do not hold all of it (or it is not a
     JPEG). PIL parses a JPEG's markers up to the start of scan and fails on a cut segment, so a
     successful open has read every segment before the pixels, EXIF included."""

@@ -22,7 +22,7 @@ import numpy as np
 
 from .buckets import Bucket, BucketTable
 from .config import BuildConfig
-from .images import ImageHeader, ImageSkip, read_header
+from .images import ImageHeader, ImageSkip, file_size, read_header
 from .lookahead import bounded_map
 from .sources import Record
 
@@ -95,24 +95,26 @@ def look_up_image(record: Record, keep_images: bool, max_pixels: int) -> ImageFa
     """The image's header (if the metadata lacks its size) and its size in bytes (if images are kept).
 
     A header read's remote storage errors other than a missing file propagate (SourceUnavailable):
-    they say nothing about the record, so the build stops resumably instead of skipping it. A size
-    lookup that fails leaves the size unknown; the decode stage then finds any real problem.
+    they say nothing about the record, so the build stops resumably instead of skipping it. The
+    size lookup maps errors the same way: a missing or unreadable file leaves the size unknown and
+    the decode stage records the skip, but a failed request never leaves a kept image's bytes out
+    of the shard's byte bound.
     """
     facts = ImageFacts()
     if record.escapes_root:
         return facts  # skipped without touching storage
     if record.width is None or record.height is None:
         try:
-            facts.header = read_header(record.location, max_pixels)
+            facts.header = read_header(record.location, max_pixels, need_size=keep_images)
         except ImageSkip as exc:
             facts.header_skip = exc
             return facts
         facts.file_bytes = facts.header.file_bytes
     if keep_images and facts.file_bytes is None:
         try:
-            facts.file_bytes = record.location.stat().st_size
-        except OSError:
-            pass  # a missing file is found and recorded by the decode stage
+            facts.file_bytes = file_size(record.location)
+        except ImageSkip:
+            pass  # the decode stage meets the same problem and records the skip
     return facts
 
 

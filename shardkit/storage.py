@@ -190,16 +190,16 @@ class RemotePath:
     def read_bytes(self) -> bytes:
         return self._call("cat_file")
 
-    def read_start(self, length: int) -> tuple[bytes, int]:
+    def read_start(self, length: int, need_size: bool = True) -> tuple[bytes, int | None]:
         """At least the first ``length`` bytes and the object's size: one ranged GET, plus a HEAD
-        for the size only when the object is longer."""
+        for the size only when the object is longer (and ``need_size``; else the size is None)."""
         try:
             data = self._call("cat_file", start=0, end=length)
         except ValueError:  # an HTTP server without range requests
             data = self.read_bytes()
         if len(data) != length:
             return data, len(data)  # the whole object (shorter, or a server that sent all of it)
-        return data, int(self._call("info")["size"])
+        return data, int(self._call("info")["size"]) if need_size else None
 
     def read_text(self, encoding: str = "utf-8") -> str:
         return universal_newlines(self.read_bytes().decode(encoding))

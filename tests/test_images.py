@@ -176,3 +176,23 @@ def test_header_of_a_remote_jpeg_takes_one_ranged_read(tmp_path):
     fs.pipe("/headers/small.jpg", b"\xff\xd8\xff" + b"x" * 10)
     assert small.read_start(64 * 1024) == (b"\xff\xd8\xff" + b"x" * 10, 13)
     fs.rm("/headers", recursive=True)
+
+
+def test_header_without_the_size_makes_no_size_request(tmp_path, monkeypatch):
+    """A build without images needs no image sizes: a remote header is one ranged GET, no HEAD."""
+    import fsspec
+
+    from shardkit.storage import RemotePath
+
+    path = _save(tmp_path, _noisy(600, 300), "big.jpg", quality=95)
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/nosize/big.jpg", path.read_bytes())
+    calls = []
+    original = RemotePath._call
+    monkeypatch.setattr(RemotePath, "_call", lambda self, method, *a, **k: calls.append(method) or original(self, method, *a, **k))
+    header = read_header(RemotePath("memory://nosize/big.jpg"), 10**8, need_size=False)
+    assert (header.width, header.height, header.file_bytes) == (600, 300, None) and calls == ["cat_file"]
+    calls.clear()
+    assert read_header(RemotePath("memory://nosize/big.jpg"), 10**8).file_bytes == path.stat().st_size
+    assert calls == ["cat_file", "info"]
+    fs.rm("/nosize", recursive=True)

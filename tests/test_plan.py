@@ -10,7 +10,8 @@ import shardkit.plan as plan_module
 from shardkit.buckets import BucketTable
 from shardkit.config import BuildConfig
 from shardkit.distributed import RankInfo, split_records
-from shardkit.plan import DUPLICATE_PATH, ImageFacts, Planner
+from shardkit.images import SourceUnavailable
+from shardkit.plan import DUPLICATE_PATH, ImageFacts, Planner, look_up_image
 from shardkit.sources import Record
 
 SIZES = [(512, 512), (384, 640), (640, 384), (512, 512), (300, 900), (900, 300), (512, 512), (480, 640)]
@@ -104,3 +105,31 @@ def test_each_skip_is_reported_once(tmp_path):
                       latent_shape=lambda h, w: (8, h // 8, w // 8), hidden_size=4, on_skip=reported.append)
     list(planner.plan(records))
     assert [s.index for s in reported] == [3, 7] == [s.index for s in planner.stats.skips]
+
+
+def test_a_failed_size_request_stops_the_build_and_a_missing_image_is_left_to_decode(tmp_path, monkeypatch):
+    """A kept image's bytes count toward the shard's byte bound: a size lookup that fails on a
+    service error must not plan the record without them (the build stops, resumably). A missing
+    file leaves the size unknown; the decode stage records its skip."""
+    import fsspec
+
+    from shardkit.storage import RemotePath
+
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/sizes/a.jpg", b"\xff\xd8\xff" + b"x" * 100)
+    record = Record(index=0, path="a.jpg", image_root=RemotePath("memory://sizes"), captions={"prompt": "a"},
+                    width=64, height=64)
+    assert look_up_image(record, keep_images=True, max_pixels=10**8).file_bytes == 103
+    assert look_up_image(record, keep_images=False, max_pixels=10**8).file_bytes is None
+    missing = Record(index=1, path="gone.jpg", image_root=RemotePath("memory://sizes"), captions={"prompt": "b"},
+                     width=64, height=64)
+    assert look_up_image(missing, keep_images=True, max_pixels=10**8) == ImageFacts()
+
+    def broken_info(self, path, **kwargs):
+        raise ConnectionError("connection reset by peer")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(type(fs), "info", broken_info)
+        with pytest.raises(SourceUnavailable, match="connection reset"):
+            look_up_image(record, keep_images=True, max_pixels=10**8)
+    fs.rm("/sizes", recursive=True)

@@ -115,7 +115,8 @@ def extract_vae(dataset_root: Path, out: Path, vae_model, resolution: int, worke
     results = (_bounded_imap(pool, _decode_stretch, jobs, 2 * workers) if pool is not None
                else map(_decode_stretch, jobs))
     for i, pixels in zip(order, results):
-        with torch.no_grad():
+        # PixArt-Σ encodes under CUDA autocast (fp16 convolutions, fp32 normalisations and exp).
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16, enabled=device.type == "cuda"):
             x = torch.from_numpy(pixels)[None].to(device=device, dtype=dtype)
             posterior = vae_model.encode(x).latent_dist
             feature = torch.cat([posterior.mean, posterior.std], dim=1).float().cpu().numpy()

@@ -99,8 +99,10 @@ def task_build(args: dict) -> dict:
         start = CpuClock.now()
         summary = build(args["source"], out, config, encoders=encoders)
         result = CpuClock.now().since(start)
+    from shardkit.hostmem import process_trimmer
+
     result.update(samples=summary.written, skipped=summary.skipped, bytes=summary.bytes, shards=summary.shards,
-                  **gpu.result(), **_cuda_peak())
+                  heap_trims=process_trimmer().trims, **gpu.result(), **_cuda_peak())
     return result
 
 

@@ -27,7 +27,8 @@ from .buckets import BucketTable
 from .config import BuildConfig
 from .distributed import (PART_PATTERN, MergeSummary, RankInfo, check_world_size, finish_ranks, joined_ranks,
                           select_cuda_device, split_records)
-from .encoders import EncoderStreams, Encoders, check_encoders_match, load_encoders, resolve_encoder_streams
+from .encoders import (EncoderStreams, Encoders, check_encoders_match, load_encoders, non_finite_features,
+                       resolve_encoder_streams)
 from .errors import ShardkitError
 from .hostmem import after_encoder_batch
 from .images import DecodeJob, DecodeResult, SourceUnavailable, run_decode_job
@@ -99,6 +100,7 @@ class _PendingBatch:
     images: list  # TransformedImage per planned record
     latents: futures.Future  # np.ndarray [B, 2C, h, w]
     captions: list[futures.Future]  # the caption windows that hold these records' features
+    skips: list[dict]  # the shard's skips: records whose features turn out not to be finite join them
 
 
 class BuildJob:
@@ -319,7 +321,7 @@ class BuildJob:
         images = [r.image for _, r in shard.batch]
         captions = self._caption_windows(shard, planned)
         latents = self.encoder_streams.submit(self._encode_images, images)
-        pending = _PendingBatch(planned=planned, images=images, latents=latents, captions=captions)
+        pending = _PendingBatch(planned=planned, images=images, latents=latents, captions=captions, skips=shard.skips)
         if shard.writer is None:
             shard.writer = ShardWriter(self.staging, self.ranks.shard_name(shard.plan.name), self.storage)
             self._writers = [w for w in self._writers if not w.committed] + [shard.writer]
@@ -370,6 +372,12 @@ class BuildJob:
             features.update(window.result())
         for i, planned in enumerate(pending.planned):
             t5 = {name: features[ids.tobytes()] for name, ids in planned.token_ids.items()}
+            bad = non_finite_features(latents[i], t5)
+            if bad is not None:
+                # Never train on NaN: the record is skipped, with what to change.
+                pending.skips.append(Skip(planned.record.index, planned.record.path, NON_FINITE_FEATURES,
+                                          non_finite_detail(bad, self.encoders, self.config)).as_json())
+                continue
             shard_writer.add(self._sample(plan, planned, pending.images[i], latents[i], t5))
 
     def _sample(self, plan: ShardPlan, planned: PlannedRecord, image, latent: np.ndarray,
@@ -401,6 +409,11 @@ class BuildJob:
         return Sample(planned.key, members)
 
     def _finish_shard(self, plan: ShardPlan, shard_writer: ShardWriter | None, shard_skips: list[dict]) -> None:
+        # Decode skips are found on the main thread, non-finite ones here: source order for both.
+        shard_skips = sorted(shard_skips, key=lambda skip: skip["index"])
+        if shard_writer is not None and not shard_writer.samples:
+            shard_writer.abort()  # every record decoded was skipped after encoding: no empty tar
+            shard_writer = None
         if shard_writer is None:
             # Every record of this plan failed to decode: remember the plan as done, with its skips.
             self.manifest.empty_plans.append({"path": self.ranks.shard_name(plan.name), "skipped": shard_skips})
@@ -417,6 +430,16 @@ class BuildJob:
                 samples=written.samples, bytes=written.bytes, sha256=written.sha256, skipped=shard_skips,
                 token_lengths={name: dict(sorted(c.items(), key=lambda kv: int(kv[0]))) for name, c in sorted(histogram.items())}))
         write_manifest(self.storage, self.manifest, self.ranks.manifest_name)
+
+
+NON_FINITE_FEATURES = "non_finite_features"
+
+
+def non_finite_detail(what: str, encoders: Encoders, config: BuildConfig) -> str:
+    """One line: what was not finite, how it was computed, and what to change."""
+    computed = f"VAE {encoders.vae.compute_dtype_name}, T5 {str(encoders.t5.dtype).replace('torch.', '')}"
+    return (f"{what} has NaN or infinite values (computed in {computed}, stored as {config.store_dtype}); "
+            f"rebuild with --dtype fp32 (or bf16), or --store-dtype fp32 if the values exceed fp16's range")
 
 
 def caption_window_size(config: BuildConfig) -> int:

@@ -71,7 +71,8 @@ def _csv(_ctx, _param, value):
               help="T5: Hugging Face id or a folder holding text_encoder/ and tokenizer/. [default: PixArt-alpha/pixart_sigma_sdxlvae_T5_diffusers]")
 @click.option("--max-length", type=int, default=None, help="T5 token limit (captions are truncated to it). [default: 300]")
 @click.option("--dtype", type=click.Choice(COMPUTE_DTYPES), default=None,
-              help="Encoder compute dtype; auto is fp16 on CUDA, fp32 on CPU. [default: auto]")
+              help="Encoder compute dtype; auto is fp16 on CUDA (fp16 autocast over fp32 weights for a VAE "
+                   "whose config sets force_upcast), fp32 on CPU. [default: auto]")
 @click.option("--batch-size", type=int, default=None, help="Images per VAE batch (one bucket per batch). [default: 16]")
 @click.option("--t5-batch-size", type=int, default=None, help="Most captions per T5 batch (captions are sorted by length and cut where padding is least). [default: 64]")
 @click.option("--shard-max-count", type=int, default=None, help="Most samples in one shard. [default: 1000]")

@@ -108,6 +108,35 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return _TORCH_DTYPES[dtype]
 
 
+def vae_precision(dtype: str, device: torch.device, force_upcast: bool) -> tuple[torch.dtype, torch.dtype | None]:
+    """(weights dtype, autocast dtype or None) of the VAE.
+
+    SDXL's VAE overflows fp16 in places (its config sets ``force_upcast``), so with ``auto`` on a
+    GPU it keeps fp32 weights and encodes under fp16 autocast, as PixArt-Σ's extractor does:
+    convolutions run in fp16 on the tensor cores, normalisations and ``exp`` in fp32. A VAE
+    without ``force_upcast`` (e.g. one fine-tuned for fp16) runs in plain fp16. An explicit
+    ``--dtype`` is taken as given.
+    """
+    resolved = resolve_dtype(dtype, device)
+    if dtype == "auto" and resolved == torch.float16 and force_upcast:
+        return torch.float32, torch.float16
+    return resolved, None
+
+
+def non_finite_features(latent: np.ndarray, t5: dict[str, np.ndarray]) -> str | None:
+    """What in one sample's stored features is NaN or infinite (None when all is finite).
+
+    Checked after the cast to the store dtype, which is where values past fp16's range become
+    infinite; a VAE or T5 that overflows its compute dtype gives NaN or inf already.
+    """
+    if not np.isfinite(latent).all():
+        return "the VAE latent"
+    for name, array in t5.items():
+        if not np.isfinite(array).all():
+            return f"the T5 features of caption field {name!r}"
+    return None
+
+
 @dataclass
 class EncoderIdentity:
     """What the manifest records of an encoder, and what a resume must find unchanged."""
@@ -214,14 +243,18 @@ class VaeEncoder:
         from diffusers import AutoencoderKL
 
         self.device = device
-        self.dtype = resolve_dtype(config.dtype, device)
+        self.dtype = resolve_dtype(config.dtype, device)  # as asked for (check_encoders_match)
         self.store_dtype = STORE_NUMPY_DTYPES[config.store_dtype]
+        # Loaded in fp32 when autocast may be wanted: whether it is, the model's config says.
+        load_dtype = torch.float32 if vae_precision(config.dtype, device, True)[1] is not None else self.dtype
         try:
             with quiet_hub_logging():
-                self.model = AutoencoderKL.from_pretrained(config.vae, subfolder=config.vae_subfolder, torch_dtype=self.dtype)
+                self.model = AutoencoderKL.from_pretrained(config.vae, subfolder=config.vae_subfolder, torch_dtype=load_dtype)
         except Exception as exc:  # hub, file and format errors all mean "this is not a usable VAE"
             raise load_error("VAE", config.vae, "--vae (and --vae-subfolder)", exc) from None
-        self.model.to(device).eval().requires_grad_(False)
+        self.weights_dtype, self.autocast_dtype = vae_precision(
+            config.dtype, device, bool(getattr(self.model.config, "force_upcast", True)))
+        self.model.to(device=device, dtype=self.weights_dtype).eval().requires_grad_(False)
         if device.type == "cuda":
             self.model.to(memory_format=torch.channels_last)
         model_config = dict(self.model.config)
@@ -229,11 +262,17 @@ class VaeEncoder:
         self.identity = EncoderIdentity(
             source=config.vae, subfolder=config.vae_subfolder, model_class=type(self.model).__name__,
             revision=model_config.get("_commit_hash"), config_sha256=_config_sha256(model_config),
-            weights_fingerprint=_weights_fingerprint(local), compute_dtype=str(self.dtype).replace("torch.", ""),
+            weights_fingerprint=_weights_fingerprint(local), compute_dtype=self.compute_dtype_name,
             store_dtype=config.store_dtype, scaling_factor=float(model_config.get("scaling_factor") or 0.0) or None,
             latent_channels=int(model_config["latent_channels"]),
             downsample_factor=2 ** (len(model_config["block_out_channels"]) - 1))
         self.downsample = self.identity.downsample_factor
+
+    @property
+    def compute_dtype_name(self) -> str:
+        if self.autocast_dtype is not None:
+            return f"autocast-{str(self.autocast_dtype).replace('torch.', '')}"
+        return str(self.weights_dtype).replace("torch.", "")
 
     def feature_shape(self, height: int, width: int) -> tuple[int, int, int]:
         return (2 * self.identity.latent_channels, height // self.downsample, width // self.downsample)
@@ -246,11 +285,13 @@ class VaeEncoder:
         with torch.inference_mode():
             if self.device.type == "cuda":
                 pixels = pixels.pin_memory().to(self.device, non_blocking=True)
-            x = to_model_input(pixels.to(self.device)).to(self.dtype)
+            x = to_model_input(pixels.to(self.device)).to(self.weights_dtype)
             if self.device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
-            posterior = self.model.encode(x).latent_dist
-            features = torch.cat([posterior.mean, posterior.std], dim=1)
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float16,
+                                enabled=self.autocast_dtype is not None):
+                posterior = self.model.encode(x).latent_dist
+                features = torch.cat([posterior.mean, posterior.std], dim=1)
             return [features.float().cpu().numpy().astype(self.store_dtype)]
 
 

@@ -155,6 +155,10 @@ class ShardWriter:
                             sha256=self._hashing.sha256.hexdigest(), keys=list(self._keys))
 
     @property
+    def samples(self) -> int:
+        return len(self._keys)
+
+    @property
     def committed(self) -> bool:
         return self._committed
 

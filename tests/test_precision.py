@@ -1,0 +1,92 @@
+"""Encoder precision: the VAE's autocast rule, and NaN/inf features skipped instead of written."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from shardkit.build import NON_FINITE_FEATURES, build
+from shardkit.encoders import vae_precision
+from shardkit.inspect import inspect_output
+
+
+def test_vae_precision_upcasts_where_the_vae_asks_for_it():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    # SDXL's VAE (force_upcast): fp32 weights under fp16 autocast, as PixArt-Σ encodes.
+    assert vae_precision("auto", cuda, force_upcast=True) == (torch.float32, torch.float16)
+    assert vae_precision("auto", cuda, force_upcast=False) == (torch.float16, None)
+    assert vae_precision("fp16", cuda, force_upcast=True) == (torch.float16, None)  # asked for: as given
+    assert vae_precision("bf16", cuda, force_upcast=True) == (torch.bfloat16, None)
+    assert vae_precision("auto", cpu, force_upcast=True) == (torch.float32, None)
+
+
+def test_the_vae_encodes_under_autocast_when_set(encoders, monkeypatch):
+    pixels = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8))
+    exact = encoders.vae.encode(pixels)
+    monkeypatch.setattr(encoders.vae, "autocast_dtype", torch.bfloat16)  # CPU autocast has bf16
+    assert encoders.vae.compute_dtype_name == "autocast-bfloat16"
+    autocast = encoders.vae.encode(pixels)
+    difference = np.abs(autocast.astype(np.float32) - exact.astype(np.float32))
+    # bf16 convolutions: close to the fp32 result, and not equal to it (autocast did engage).
+    assert 0 < difference.max() < 0.1 * (np.abs(exact).max() + 1)
+
+
+def _failures(output) -> list[dict]:
+    return [json.loads(line) for line in (output / "failures.jsonl").read_text().splitlines()]
+
+
+def test_a_non_finite_latent_or_caption_is_skipped_with_what_to_change(toy_dataset, make_config, encoders,
+                                                                       tmp_path, monkeypatch):
+    vae_encode, t5_encode = type(encoders.vae).encode, type(encoders.t5).encode_distinct
+    vae_calls, t5_calls = [], []
+
+    def nan_in_first_latent(self, pixels):
+        latents = vae_encode(self, pixels)
+        vae_calls.append(len(pixels))
+        if len(vae_calls) == 1:
+            latents[0, 0, 0, 0] = np.nan
+        return latents
+
+    def inf_in_one_caption(self, captions, batch_size):
+        features = t5_encode(self, captions, batch_size)
+        t5_calls.append(len(features))
+        if len(t5_calls) == 2:
+            first = next(iter(features))
+            features[first] = features[first].copy()
+            features[first][-1, 0] = np.inf
+        return features
+
+    monkeypatch.setattr(type(encoders.vae), "encode", nan_in_first_latent)
+    monkeypatch.setattr(type(encoders.t5), "encode_distinct", inf_in_one_caption)
+    output = tmp_path / "out"
+    summary = build(str(toy_dataset), output, make_config(), encoders=encoders)
+    skips = [s for s in _failures(output) if s["reason"] == NON_FINITE_FEATURES]
+    assert len(skips) >= 2 and summary.skipped_by_reason[NON_FINITE_FEATURES] == len(skips)
+    assert summary.written + summary.skipped == summary.records_read
+    assert any("the VAE latent" in s["detail"] for s in skips)
+    assert any("the T5 features of caption field" in s["detail"] for s in skips)
+    assert all("--dtype fp32" in s["detail"] and "float32" in s["detail"] for s in skips)
+    verification = inspect_output(str(output), verify_shards=True).verification
+    assert verification.sound and verification.samples_checked == summary.written  # no NaN was written
+
+
+def test_a_shard_whose_every_record_is_skipped_leaves_no_empty_tar(toy_dataset, make_config, encoders,
+                                                                  tmp_path, monkeypatch):
+    vae_encode = type(encoders.vae).encode
+
+    def all_nan(self, pixels):
+        return np.full_like(vae_encode(self, pixels), np.nan)
+
+    monkeypatch.setattr(type(encoders.vae), "encode", all_nan)
+    output = tmp_path / "out"
+    config = make_config()
+    summary = build(str(toy_dataset), output, config, encoders=encoders)
+    assert summary.written == 0 and summary.skipped_by_reason[NON_FINITE_FEATURES] == summary.skipped > 0
+    assert summary.shards == 0 and not list((output / "shards").glob("*"))
+    # The plans are done: a resume encodes nothing again.
+    monkeypatch.setattr(type(encoders.vae), "encode", lambda self, pixels: pytest.fail("re-encoded on resume"))
+    again = build(str(toy_dataset), output, config, encoders=encoders)
+    assert again.written == 0 and again.skipped == summary.skipped

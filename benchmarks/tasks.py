@@ -305,7 +305,8 @@ def task_read_reader(args: dict) -> dict:
 
 
 def task_widen(args: dict) -> dict:
-    """Copies of a build and of the per-file features with T5 rows of the real width (random values).
+    """Copies of a build and (given ``features``) of the per-file features with T5 rows of the real
+    width (random values).
 
     Latents already have the SDXL VAE's shape (4 channels, 8x down), so only the caption features
     differ from the real thing: this makes read throughput measurable at real sizes on any machine.
@@ -348,6 +349,8 @@ def task_widen(args: dict) -> dict:
     manifest["totals"]["bytes"] = sum(e["bytes"] for e in manifest["shards"])
     (dst / "manifest.json").write_text(json.dumps(manifest, indent=1))
 
+    if "features" not in args:
+        return {"build": str(dst), "shard_bytes": manifest["totals"]["bytes"]}
     # The per-file layout: the VAE files as they are, the read caption field at [1, 300, hidden]
     # with T5-XXL's repeated padding rows (see fullsize.padded_row_sources), so it deflates as
     # PixArt's real files do.
@@ -571,14 +574,15 @@ def task_plan_remote(args: dict) -> dict:
     sent, count_lock = server.sent, server.lock
     base = server.url
     tokenizer = AutoTokenizer.from_pretrained(args["tokenizer"])
-    config = BuildConfig(resolution=512, captions=["prompt"], keep_images=True, vae="unused", t5="unused")
     results = {}
     prefix_bytes = images_module._HEADER_PREFIX_BYTES
-    layouts = (("sizes in metadata (a HEAD per record)", "data_info.json", prefix_bytes),
-               ("no sizes, header from a whole-image GET (before)", "no-sizes.jsonl", 1 << 40),
-               ("no sizes, header from the first 64 KiB (ranged GET; HEAD if larger)", "no-sizes.jsonl", prefix_bytes))
+    layouts = (("sizes in metadata (a HEAD per record)", "data_info.json", prefix_bytes, True),
+               ("no sizes, header from a whole-image GET (before)", "no-sizes.jsonl", 1 << 40, True),
+               ("no sizes, header from the first 64 KiB (ranged GET; HEAD if larger)", "no-sizes.jsonl", prefix_bytes, True),
+               ("no sizes, --no-images: header from the first 64 KiB (ranged GET only)", "no-sizes.jsonl", prefix_bytes, False))
     try:
-        for label, name, header_bytes in layouts:
+        for label, name, header_bytes, keep_images in layouts:
+            config = BuildConfig(resolution=512, captions=["prompt"], keep_images=keep_images, vae="unused", t5="unused")
             images_module._HEADER_PREFIX_BYTES = header_bytes  # "before": every header read takes the whole file
             source = f"{base}/{'InternData/' if name == 'data_info.json' else ''}{name}"
             for threads in args["threads"]:

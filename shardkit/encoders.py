@@ -245,16 +245,18 @@ class VaeEncoder:
         self.device = device
         self.dtype = resolve_dtype(config.dtype, device)  # as asked for (check_encoders_match)
         self.store_dtype = STORE_NUMPY_DTYPES[config.store_dtype]
-        # Loaded in fp32 when autocast may be wanted: whether it is, the model's config says.
-        load_dtype = torch.float32 if vae_precision(config.dtype, device, True)[1] is not None else self.dtype
         try:
             with quiet_hub_logging():
-                self.model = AutoencoderKL.from_pretrained(config.vae, subfolder=config.vae_subfolder, torch_dtype=load_dtype)
+                force_upcast = True
+                if vae_precision(config.dtype, device, True)[1] is not None:  # then the config decides
+                    vae_config = AutoencoderKL.load_config(config.vae, subfolder=config.vae_subfolder)
+                    force_upcast = bool(vae_config.get("force_upcast", True))
+                self.weights_dtype, self.autocast_dtype = vae_precision(config.dtype, device, force_upcast)
+                self.model = AutoencoderKL.from_pretrained(config.vae, subfolder=config.vae_subfolder,
+                                                           torch_dtype=self.weights_dtype)
         except Exception as exc:  # hub, file and format errors all mean "this is not a usable VAE"
             raise load_error("VAE", config.vae, "--vae (and --vae-subfolder)", exc) from None
-        self.weights_dtype, self.autocast_dtype = vae_precision(
-            config.dtype, device, bool(getattr(self.model.config, "force_upcast", True)))
-        self.model.to(device=device, dtype=self.weights_dtype).eval().requires_grad_(False)
+        self.model.to(device).eval().requires_grad_(False)
         if device.type == "cuda":
             self.model.to(memory_format=torch.channels_last)
         model_config = dict(self.model.config)

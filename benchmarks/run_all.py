@@ -191,7 +191,7 @@ def section_build(ctx: Context) -> None:
     """Build throughput: shardkit, the per-file baseline, the encoders alone (interleaved)."""
     args, out, options, report, main_ds = ctx.args, ctx.out, ctx.options, ctx.report, ctx.main_ds
     runs: dict[str, list[dict]] = {"shardkit": [], "baseline": [], "encoders": [], "processes": [], "one_stream": [],
-                                   "encoders_one_stream": [], "no_trim": []}
+                                   "encoders_one_stream": [], "no_trim": [], "plain_gpu_layout": []}
     loads = []
     for _ in range(args.repeats):
         loads.append(_load())
@@ -208,6 +208,10 @@ def section_build(ctx: Context) -> None:
             runs["encoders_one_stream"].append(run_task("encoders", {"config": one_stream, "source": str(main_ds)}))
             runs["no_trim"].append(run_task("build", {"config": options, "source": str(main_ds),
                                                       "out": str(out / "build-no-trim"), "no_trim": True}))
+        else:  # GPU-only: what channels-last and pinned, non-blocking input copies bring
+            runs["plain_gpu_layout"].append(run_task("build", {"config": options, "source": str(main_ds),
+                                                               "out": str(out / "build-plain-layout"),
+                                                               "plain_gpu_layout": True}))
     loads.append(_load())
 
     def best(name: str) -> dict:
@@ -240,6 +244,11 @@ def section_build(ctx: Context) -> None:
         nt = rates("no_trim")
         rows.append(["for reference: without the heap trims of shardkit/hostmem.py", nt[0], nt[1],
                      best("no_trim")["cpu_self_s"] + best("no_trim")["cpu_children_s"], f"{nt[0] / sk[0]:.2f}x build()"])
+    if runs["plain_gpu_layout"]:
+        pl = rates("plain_gpu_layout")
+        rows.append(["for reference: VAE without channels-last and pinned, non-blocking input copies", pl[0], pl[1],
+                     best("plain_gpu_layout")["cpu_self_s"] + best("plain_gpu_layout")["cpu_children_s"],
+                     f"{pl[0] / sk[0]:.2f}x build()"])
     text = table(f"Build throughput, N={args.n} ({args.repeats} interleaved runs, load average {min(loads)}-{max(loads)})",
                  ["what", "samples/s best", "samples/s median", "CPU s (best run)", "ratio"], rows)
     base = best("baseline")

@@ -94,6 +94,11 @@ def task_build(args: dict) -> dict:
         from shardkit.hostmem import process_trimmer
 
         process_trimmer().malloc_trim = None  # the build as it was before shardkit/hostmem.py
+    if args.get("plain_gpu_layout"):  # GPU A/B: NCHW tensors and pageable host-to-device copies
+        import torch
+
+        encoders.vae.channels_last = encoders.vae.pinned_copies = False
+        encoders.vae.model.to(memory_format=torch.contiguous_format)
     out = _fresh(args["out"])
     with GpuMonitor(config.device == "cuda") as gpu:
         start = CpuClock.now()

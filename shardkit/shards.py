@@ -151,7 +151,7 @@ class ShardWriter:
         self.storage.put_file(self.temp_path, self.relative_path)
         self._committed = True
         self._tar = None  # a committed shard holds no buffers
-        return WrittenShard(path=self.relative_path, samples=len(self._keys), bytes=self._hashing.size,
+        return WrittenShard(path=self.relative_path, samples=self.samples, bytes=self._hashing.size,
                             sha256=self._hashing.sha256.hexdigest(), keys=list(self._keys))
 
     @property

@@ -84,6 +84,7 @@ def _fresh(path: str) -> Path:
 def task_build(args: dict) -> dict:
     """shardkit's build() with loaded encoders: wall and CPU time (decode workers included)."""
     from shardkit.build import build
+    from shardkit.hostmem import process_trimmer
 
     config, encoders = _load(args["config"])
     if args.get("stub"):
@@ -91,8 +92,6 @@ def task_build(args: dict) -> dict:
     if args.get("decode_processes"):
         _decode_in_processes()
     if args.get("no_trim"):
-        from shardkit.hostmem import process_trimmer
-
         process_trimmer().malloc_trim = None  # the build as it was before shardkit/hostmem.py
     if args.get("plain_gpu_layout"):  # GPU A/B: NCHW tensors and pageable host-to-device copies
         import torch
@@ -104,8 +103,6 @@ def task_build(args: dict) -> dict:
         start = CpuClock.now()
         summary = build(args["source"], out, config, encoders=encoders)
         result = CpuClock.now().since(start)
-    from shardkit.hostmem import process_trimmer
-
     result.update(samples=summary.written, skipped=summary.skipped, bytes=summary.bytes, shards=summary.shards,
                   heap_trims=process_trimmer().trims, **gpu.result(), **_cuda_peak())
     return result

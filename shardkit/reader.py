@@ -40,6 +40,7 @@ import io
 import json
 import logging
 import math
+import mmap
 import os
 import posixpath
 import random
@@ -139,7 +140,7 @@ _NPY_LAYOUTS: dict[bytes, tuple[np.dtype, tuple[int, ...], bool, int]] = {}
 _NPY_LAYOUTS_LIMIT = 4096
 
 
-def _npy_layout(payload: bytes, what: str) -> tuple[np.dtype, tuple[int, ...], bool, int] | None:
+def _npy_layout(payload: bytes | memoryview, what: str) -> tuple[np.dtype, tuple[int, ...], bool, int] | None:
     """(dtype, shape, fortran_order, data offset) of a ``.npy`` payload, from its header; None
     for a format version this does not parse (numpy then reads the payload)."""
     if payload[:6] != b"\x93NUMPY" or len(payload) < 10:
@@ -151,7 +152,7 @@ def _npy_layout(payload: bytes, what: str) -> tuple[np.dtype, tuple[int, ...], b
         offset = 12 + int.from_bytes(payload[8:12], "little")
     else:
         offset = len(payload) + 1
-    header = payload[:offset]
+    header = bytes(payload[:offset])  # bytes, not a view: a cached key must not hold a shard's map
     layout = _NPY_LAYOUTS.get(header)
     if layout is None:
         if len(header) < offset:
@@ -171,7 +172,7 @@ def _npy_layout(payload: bytes, what: str) -> tuple[np.dtype, tuple[int, ...], b
     return layout
 
 
-def read_npy_uncached(payload: bytes, what: str) -> np.ndarray:
+def read_npy_uncached(payload: bytes | memoryview, what: str) -> np.ndarray:
     """``read_npy`` by ``numpy.lib.format.read_array``: every header parsed anew."""
     try:
         return np.lib.format.read_array(io.BytesIO(payload), allow_pickle=False)
@@ -179,7 +180,7 @@ def read_npy_uncached(payload: bytes, what: str) -> np.ndarray:
         raise ShardFormatError(f"{what} is not a plain .npy array: {exc}") from None
 
 
-def read_npy(payload: bytes, what: str) -> np.ndarray:
+def read_npy(payload: bytes | memoryview, what: str) -> np.ndarray:
     """A ``.npy`` payload as an array (a read-only view of ``payload``); pickled (object)
     arrays, malformed headers and short data are refused with a ShardFormatError."""
     layout = _npy_layout(payload, what)
@@ -315,21 +316,36 @@ class ShardTruncatedError(EOFError):
 class _LocalTarBytes:
     """A tar in a local file, read with ``os.pread`` at an offset kept here: skipping a member
     only moves the offset, so its bytes are never read. Small reads (headers, the .json) come
-    from a read-ahead window, so a run of small members costs one system call."""
+    from a read-ahead window, so a run of small members costs one system call.
+
+    After ``map_payloads()``, reads bigger than the window (the arrays) are read-only
+    memoryviews of a map of the file instead of copies: the caller's one copy (into a batch)
+    then reads the page cache directly. A view keeps the map alive; the map ends with the last
+    view. A file that cannot be mapped is read with ``pread``."""
 
     def __init__(self, fd: int, start: int, end: int):
         self.fd, self.start, self.position, self.end = fd, start, start, end
         self._window, self._window_start = b"", start
+        self._map: memoryview | None = None
+
+    def map_payloads(self) -> None:
+        if self.end > self.start:
+            try:
+                self._map = memoryview(mmap.mmap(self.fd, self.end, access=mmap.ACCESS_READ))
+            except (OSError, ValueError):  # e.g. a file system without mmap support
+                self._map = None
 
     def peek(self, size: int) -> bytes:
         return os.pread(self.fd, size, self.position)
 
-    def read(self, size: int) -> bytes:
+    def read(self, size: int) -> bytes | memoryview:
         if size <= 0:
             return b""
         at = self.position - self._window_start
         if 0 <= at and at + size <= len(self._window):
             data = self._window[at:at + size]
+        elif size > _READ_AHEAD and self._map is not None:
+            data = self._map[self.position:min(self.position + size, self.end)]  # short at the end: cut short
         elif size >= _READ_AHEAD:
             data = self._pread(size)
         else:
@@ -406,9 +422,10 @@ class _StreamTarBytes:
         return size - left
 
 
-def _tar_bytes(fileobj: BinaryIO) -> _LocalTarBytes | _StreamTarBytes:
+def _tar_bytes(fileobj: BinaryIO, map_payloads: bool = False) -> _LocalTarBytes | _StreamTarBytes:
     """The tar's bytes from the file object's current position, decompressed if the stream is
-    gzip, bzip2 or xz (as ``tarfile``'s ``r|*`` mode detects them)."""
+    gzip, bzip2 or xz (as ``tarfile``'s ``r|*`` mode detects them). ``map_payloads``: see
+    ``_LocalTarBytes`` (local, uncompressed files only)."""
     source: _LocalTarBytes | _StreamTarBytes
     try:
         fd = fileobj.fileno()
@@ -434,6 +451,8 @@ def _tar_bytes(fileobj: BinaryIO) -> _LocalTarBytes | _StreamTarBytes:
 
         opener = lzma.LZMAFile
     else:
+        if map_payloads and isinstance(source, _LocalTarBytes):
+            source.map_payloads()
         return source
     # The decompressor reads the compressed bytes through ``source`` (which replays what was peeked).
     return _StreamTarBytes(opener(source))  # type: ignore[arg-type]
@@ -502,10 +521,12 @@ class TarMembers:
 
     A damaged header (its checksum does not match) is a ShardFormatError; a tar that ends inside
     a member, inside a header, or before its end-of-archive block is a ShardTruncatedError.
+    ``map_payloads``: payloads of a local, uncompressed tar bigger than the read-ahead window
+    come as read-only memoryviews of a map of the file (see ``_LocalTarBytes``).
     """
 
-    def __init__(self, fileobj: BinaryIO):
-        self._bytes = _tar_bytes(fileobj)
+    def __init__(self, fileobj: BinaryIO, map_payloads: bool = False):
+        self._bytes = _tar_bytes(fileobj, map_payloads)
         self._pending = 0  # bytes of the current member (data and padding) not consumed
         self._size = 0
         self._name = ""
@@ -520,7 +541,7 @@ class TarMembers:
         return ShardTruncatedError(f"the tar ends inside member {self._name!r} at byte {self.offset}: "
                                    f"the shard was cut short")
 
-    def _consume(self, size: int) -> bytes:
+    def _consume(self, size: int) -> bytes | memoryview:
         data = self._bytes.read(size)
         if len(data) < size:
             raise self._cut_short()
@@ -576,7 +597,7 @@ class TarMembers:
                 if kind not in _DATALESS_TYPES and kind != b"\0":  # (b"\0" here: an old-style folder, "name/")
                     self._pending = padded  # unknown types are read as data-carrying, as tarfile reads them
 
-    def payload(self) -> bytes:
+    def payload(self) -> bytes | memoryview:
         """The data of the member ``next()`` gave last (once)."""
         data = self._consume(self._size)
         self._pending -= self._size
@@ -588,25 +609,26 @@ class TarMembers:
 class TarSample:
     index: int  # position of the sample in its shard
     key: str
-    members: dict[str, bytes]  # suffix (lower case, after the key's dot) -> payload
+    members: dict[str, bytes | memoryview]  # suffix (lower case, after the key's dot) -> payload
 
 
 def iter_tar_samples(fileobj: BinaryIO, start: int = 0, stop: int | None = None,
-                     want: Callable[[str, str], bool] | None = None) -> Iterator[TarSample]:
+                     want: Callable[[str, str], bool] | None = None, map_payloads: bool = False) -> Iterator[TarSample]:
     """The samples of a tar stream, grouped as WebDataset groups them: a sample is a run of
     adjacent members sharing a key. A key that comes back after another key is an error (its
     members are not adjacent), as is a suffix repeated within a sample.
 
     Samples before ``start`` are counted but not read; reading stops once sample ``stop - 1``
     is complete. ``want(key, suffix)`` selects the members whose bytes are kept; the others are
-    skipped without being read where the file allows it (local files).
+    skipped without being read where the file allows it (local files). ``map_payloads``: big
+    payloads of local files may be read-only memoryviews instead of bytes (``TarMembers``).
     """
     seen: set[str] = set()
     key: str | None = None
     index = -1
-    members: dict[str, bytes] = {}
+    members: dict[str, bytes | memoryview] = {}
     suffixes: set[str] = set()
-    tar = TarMembers(fileobj)
+    tar = TarMembers(fileobj, map_payloads)
     while (member := tar.next()) is not None:
         name = member[0]
         if _META_MEMBER.match(name):
@@ -777,17 +799,17 @@ class ShardStore:
 
     # -- samples -----------------------------------------------------------------------------
     def samples(self, shard: ShardInfo, start: int = 0, stop: int | None = None,
-                want: Callable[[str], bool] | None = None,
-                decode: Callable[[TarSample], Any] | None = None) -> Iterator[Any]:
+                want: Callable[[str, str], bool] | None = None,
+                decode: Callable[[TarSample], Any] | None = None, map_payloads: bool = False) -> Iterator[Any]:
         """Samples ``start`` .. ``stop - 1`` of a shard (all of them when ``stop`` is None),
-        decoded by ``decode``. A transient failure reopens the shard and resumes after the last
+        decoded by ``decode`` (``map_payloads``: see ``iter_tar_samples``). A transient failure reopens the shard and resumes after the last
         sample delivered; a shard that stays unreadable follows ``on_error``."""
         delivered = 0
         attempt = 0
         while True:
             try:
                 with self.open_shard(shard) as fileobj:
-                    for raw in iter_tar_samples(fileobj, start + delivered, stop, want):
+                    for raw in iter_tar_samples(fileobj, start + delivered, stop, want, map_payloads):
                         item = decode(raw) if decode is not None else raw
                         delivered += 1
                         yield item
@@ -840,7 +862,7 @@ def _metadata(raw: TarSample) -> dict[str, Any]:
     if payload is None:
         raise ShardFormatError(f"sample {raw.key!r} has no .json member")
     try:
-        data = json.loads(payload.decode("utf-8"))
+        data = json.loads(str(payload, "utf-8"))  # bytes, or a memoryview for a big .json
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ShardFormatError(f"sample {raw.key!r}: unreadable .json member ({exc})") from None
     if not isinstance(data, dict):
@@ -1177,6 +1199,12 @@ class ShardReader(IterableDataset):
         on_error: ``"raise"`` stops on an unreadable shard with a ShardReadError; ``"skip"``
             logs a warning, counts it in ``stats`` and goes on (ranks stay equal: a rank that lost
             samples repeats some to keep its batch count).
+        memory_map: read the arrays of local shards (and of ``cache_dir`` copies) through a
+            read-only memory map of the file, which saves copying them out of the page cache
+            before they are copied into a batch. A mapped file must not be cut short or
+            rewritten in place while it is read (the OS would stop the process with SIGBUS);
+            shardkit's own writers replace files by renaming. Pass False for shards on
+            storage that rewrites files in place.
     """
 
     # train_scripts/train.py reads these to know that batch[0] and batch[1] are features.
@@ -1192,7 +1220,7 @@ class ShardReader(IterableDataset):
                  resampled: bool = False, batches_per_epoch: int | None = None,
                  storage_options: dict[str, Any] | None = None, cache_dir: str | os.PathLike | None = None,
                  retries: int = 3, retry_backoff: float = 1.0, timeout: float | None = 60.0,
-                 on_error: str = "raise"):
+                 on_error: str = "raise", memory_map: bool = True):
         super().__init__()
         _require(isinstance(batch_size, int) and batch_size >= 1, f"batch_size must be a positive integer, got {batch_size!r}")
         _require(latent in LATENT_MODES, f"latent must be one of {LATENT_MODES}, got {latent!r}")
@@ -1232,6 +1260,7 @@ class ShardReader(IterableDataset):
         self.drop_last = drop_last
         self.resampled = resampled
         self.batches_per_epoch = batches_per_epoch
+        self.memory_map = memory_map
         self.epoch = 0
         self._rank = rank
         self._world_size = world_size
@@ -1359,7 +1388,7 @@ class ShardReader(IterableDataset):
         for piece in pieces:
             shard = piece.shard
             yield from self.store.samples(shard, piece.start, piece.stop, want,
-                                          lambda raw, shard=shard: self._decode(raw, shard, epoch))
+                                          lambda raw, shard=shard: self._decode(raw, shard, epoch), self.memory_map)
 
     def _emit(self, samples: list[DecodedSample], epoch: int) -> Any:
         self.stats.batches += 1

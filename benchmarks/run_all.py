@@ -460,20 +460,53 @@ def _wide_build_10n(ctx: Context) -> Path:
     return wide
 
 
+def _worker_comparison(ctx: Context, build: Path) -> tuple[list[list], dict]:
+    """The reader through a DataLoader with 2 workers: batches in pooled blocks vs torch's fresh
+    shared memory per tensor, with and without the training process's staging copy; interleaved."""
+    args = ctx.args
+    variants = [(route, stage) for stage in (False, True) for route in ("torch", "pooled")]
+    runs: dict[str, list[dict]] = {f"{route}{'_staged' if stage else ''}": [] for route, stage in variants}
+    for _ in range(args.repeats):
+        for route, stage in variants:
+            runs[f"{route}{'_staged' if stage else ''}"].append(run_task("read_reader_workers", {
+                "build": str(build), "field": "prompt", "batch_size": args.read_batch_size,
+                "workers": 2, "route": route, "stage": stage}))
+    rate = lambda key: _rate(runs[key][0]["samples"], min(r["wall_s"] for r in runs[key]))
+    steady = lambda key: _rate(runs[key][0]["samples"], min(min(r["wall_s"], r["warm_wall_s"]) for r in runs[key]))
+    rows = []
+    for stage in (False, True):
+        suffix = "_staged" if stage else ""
+        consumer = "training process copies each batch once" if stage else "training process does nothing"
+        for route, label in (("torch", "fresh shared memory per tensor (torch's collate route; before)"),
+                             ("pooled", "pooled shared blocks (shardkit.worker_memory)")):
+            key = f"{route}{suffix}"
+            rows.append([consumer, label, rate(key), steady(key),
+                         "-" if route == "torch" else f"{rate(key) / rate('torch' + suffix):.2f}x "
+                                                      f"(steady {steady(key) / steady('torch' + suffix):.2f}x)"])
+    return rows, runs
+
+
 def section_read(ctx: Context) -> None:
-    """Read throughput: shardkit.reader, per-file reading, raw tar bytes; tiny and real T5 width."""
+    """Read throughput: shardkit.reader, per-file reading, raw tar bytes; tiny and real T5 width;
+    and the reader in DataLoader workers."""
     args, out, report = ctx.args, ctx.out, ctx.report
     loads = [_load()]
     rows, tiny = _read_comparison(ctx, out / "build", out / "baseline", "32 (tiny)")
     wide = _widen(ctx)
     wide_rows, wide_runs = _read_comparison(ctx, Path(wide["build"]), Path(wide["features"]), f"{FULL_HIDDEN} (random values)")
-    long_rows, long_runs = _read_comparison(ctx, _wide_build_10n(ctx), None, f"{FULL_HIDDEN}, 10 N = {10 * args.n} samples")
+    wide_10n = _wide_build_10n(ctx)
+    long_rows, long_runs = _read_comparison(ctx, wide_10n, None, f"{FULL_HIDDEN}, 10 N = {10 * args.n} samples")
+    worker_rows, worker_runs = _worker_comparison(ctx, wide_10n)
     loads.append(_load())
     text = table(f"Read throughput, warm page cache, batch {args.read_batch_size}, field 'prompt' "
                  f"(best of {args.repeats}, load average {min(loads)}-{max(loads)})",
                  ["T5 width", "what", "samples/s", "samples/s, steady (best epoch of 2)", "MB/s", "ratio"],
                  rows + wide_rows + long_rows)
-    report.add("read", text, {"tiny": tiny, "wide": wide_runs, "wide_10n": long_runs})
+    text += "\n" + table(f"shardkit.reader in a DataLoader, 2 worker processes, T5 width {FULL_HIDDEN}, "
+                         f"10 N = {10 * args.n} samples (best of {args.repeats})",
+                         ["training process", "how workers send batches", "samples/s",
+                          "samples/s, steady (best epoch of 2)", "pooled vs fresh"], worker_rows)
+    report.add("read", text, {"tiny": tiny, "wide": wide_runs, "wide_10n": long_runs, "workers_10n": worker_runs})
 
 
 def section_memory(ctx: Context) -> None:

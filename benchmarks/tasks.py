@@ -278,15 +278,18 @@ def task_read_perfile(args: dict) -> dict:
     return result
 
 
-def _timed_epochs(loader) -> tuple[dict, object]:
+def _timed_epochs(loader, on_batch=None) -> tuple[dict, object]:
     """Two epochs of ``loader``, each batch let go before the next as a training loop does:
     ``wall_s`` times the first (in a fresh process), ``warm_wall_s`` the second (the steady
-    state of a long run: heap, buffers and caches warm). Returns the result and a last batch."""
+    state of a long run: heap, buffers and caches warm). ``on_batch(batch)`` is the training
+    step's share of the work, timed with it. Returns the result and a last batch."""
     result: dict = {}
     for prefix in ("", "warm_"):
         samples = batches = 0
         start = CpuClock.now()
         for batch in loader:
+            if on_batch is not None:
+                on_batch(batch)
             samples += len(batch[0])
             batches += 1
         timed = CpuClock.now().since(start)
@@ -307,6 +310,36 @@ def task_read_reader(args: dict) -> dict:
     result, batch = _timed_epochs(dataset)
     result.update(bytes=sum(p.stat().st_size for p in Path(args["build"]).glob("shards/*.tar")),
                   batch_shapes=[list(batch[0].shape), list(batch[1].shape), list(batch[2].shape)])
+    return result
+
+
+def task_read_reader_workers(args: dict) -> dict:
+    """ShardReader through a DataLoader with ``workers`` forked worker processes, as training
+    reads. ``route``: "pooled" sends batch tensors in shardkit.worker_memory's reused blocks;
+    "torch" in a fresh shared-memory segment per tensor, as torch's collate does (and as
+    shardkit did before). With ``stage``, the training process copies each batch's latent and
+    features into one reused buffer, the read a host-to-device copy makes."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from shardkit import worker_memory
+    from shardkit.reader import ShardReader
+
+    if args["route"] == "torch":
+        worker_memory.AVAILABLE = False
+    dataset = ShardReader(args["build"], batch_size=args["batch_size"], shuffle=True, seed=0, caption_fields=[args["field"]])
+    loader = DataLoader(dataset, batch_size=None, num_workers=args["workers"], persistent_workers=True,
+                        multiprocessing_context="fork")
+    staging: dict[int, torch.Tensor] = {}
+
+    def stage(batch) -> None:
+        for index, tensor in enumerate(batch[:2]):
+            buffer = staging.get(index)
+            if buffer is None or buffer.numel() < tensor.numel() or buffer.dtype != tensor.dtype:
+                buffer = staging[index] = torch.empty(tensor.numel(), dtype=tensor.dtype)
+            buffer[:tensor.numel()].copy_(tensor.reshape(-1))
+
+    result, _ = _timed_epochs(loader, stage if args.get("stage") else None)
     return result
 
 

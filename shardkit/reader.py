@@ -59,6 +59,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from . import worker_memory
 from .errors import ShardkitError
 from .manifest import MANIFEST_NAME, Manifest, read_manifest
 from .storage import is_url, local_path
@@ -1092,8 +1093,11 @@ def _full_batches(samples: Iterator[DecodedSample], batch_size: int,
 class BatchBuffers:
     """Where the big tensors of a batch are allocated.
 
-    - In a DataLoader worker: in shared memory, as torch's own collate does, so sending the
-      batch to the training process copies nothing.
+    - In a DataLoader worker: in shared memory, so sending the batch to the training process
+      copies nothing. Tensors of ``pool_min_bytes`` or more come from this worker's pooled
+      blocks (``worker_memory``), refilled once the training process has let go of them;
+      torch's own collate takes a fresh segment per tensor, and the kernel's allocating and
+      zeroing its pages cost a worker ~3x its reading (BENCHMARKS.md section 4).
     - Elsewhere, buffers of ``pool_min_bytes`` or more are cut from a few pooled blocks: a
       block is used again once nothing refers to it any more (no batch, view, storage or numpy
       array made from it), and a smaller batch (a bucket's tail) takes the front of a bigger
@@ -1101,9 +1105,12 @@ class BatchBuffers:
       kernel, which costs several times more than filling it.
     """
 
-    def __init__(self, pool_size: int = 6, pool_min_bytes: int = 1 << 20):
+    def __init__(self, pool_size: int = 6, pool_min_bytes: int = 1 << 20, worker_pool_size: int = 8):
         self.pool_size = pool_size
         self.pool_min_bytes = pool_min_bytes
+        self.worker_pool_size = worker_pool_size  # blocks: ~4 batches (2 prefetched, 1 held, 1 filling)
+        self._worker_pool: worker_memory.WorkerBlockPool | None = None
+        self._worker_pool_pid = 0
         self._pool: list[np.ndarray] = []  # flat uint8 blocks
         self._lock = threading.Lock()  # a block is chosen and taken (viewed) in one step
         holder = [object()]
@@ -1137,13 +1144,25 @@ class BatchBuffers:
 
     def tensor(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """An uninitialised tensor for a batch: shared in a DataLoader worker, else reused."""
-        if get_worker_info() is not None and hasattr(torch.UntypedStorage, "_new_shared"):
-            storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
-            return torch.empty(0, dtype=dtype).set_(storage).view(shape)
+        if get_worker_info() is not None:
+            return self._worker_tensor(shape, dtype)
         try:
             return torch.from_numpy(self.reused(shape, torch.empty(0, dtype=dtype).numpy().dtype))
         except TypeError:  # a dtype numpy lacks (bfloat16): same-sized integers, reinterpreted
             return torch.from_numpy(self.reused(shape, np.dtype(f"u{dtype.itemsize}"))).view(dtype)
+
+    def _worker_tensor(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """In a DataLoader worker: big tensors from this worker's pooled shared blocks
+        (``worker_memory``), the rest in fresh shared memory as torch's collate allocates it."""
+        if worker_memory.AVAILABLE and math.prod(shape) * dtype.itemsize >= self.pool_min_bytes:
+            if self._worker_pool is None or self._worker_pool_pid != os.getpid():  # (a forked copy is not ours)
+                self._worker_pool, self._worker_pool_pid = worker_memory.WorkerBlockPool(self.worker_pool_size), os.getpid()
+            try:
+                return self._worker_pool.tensor(shape, dtype)
+            except OSError:  # e.g. out of memory for a new block: torch's route may still fit
+                pass
+        storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
+        return torch.empty(0, dtype=dtype).set_(storage).view(shape)
 
 
 class ShardReader(IterableDataset):

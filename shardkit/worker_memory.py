@@ -46,6 +46,7 @@ class _Block:
             os.close(self.fd)
             raise
         self.bytes = np.frombuffer(self.map, np.uint8)
+        weakref.finalize(self, os.close, self.fd)  # (the map keeps a descriptor of its own)
 
     def in_use(self) -> bool:
         return self.bytes[0] != _FREE

@@ -71,6 +71,24 @@ def test_a_block_is_refilled_only_after_the_consumer_lets_go_of_every_view():
     assert torch.equal(_send(brain).float(), values)
 
 
+def _open_descriptors() -> int:
+    gc.collect()
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_blocks_close_their_descriptors_once_nothing_holds_them():
+    before = _open_descriptors()
+    pool = worker_memory.WorkerBlockPool(pool_size=1)
+    pooled = pool.tensor((64,), torch.float32)
+    unpooled = pool.tensor((64,), torch.float32)  # the one pooled block is in use: a block of its own
+    assert len(pool._blocks) == 1
+    received = [_send(pooled), _send(unpooled)]
+    del pooled, unpooled, received
+    assert _open_descriptors() == before + 2  # the pooled block: its memfd and its map's own descriptor
+    del pool
+    assert _open_descriptors() == before
+
+
 def _check_against_store(batch: dict, expected: dict) -> None:
     """A batch read with latent="mean" holds exactly what was stored for its keys."""
     for i, key in enumerate(batch["keys"]):

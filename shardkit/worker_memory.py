@@ -69,9 +69,10 @@ def _reduce_pooled(tensor: PooledTensor):
     if state is None or state["sent"]:
         # Sent once already (a second consumer would free the block early): torch's own route, on a copy.
         return reduce_tensor(tensor.as_subclass(torch.Tensor).clone())
-    state["sent"] = True
     block = state["block"]
-    return _rebuild_in_consumer, (DupFd(block.fd), _HEADER + block.capacity,
+    descriptor = DupFd(block.fd)
+    state["sent"] = True  # from here on only the receiver frees the block
+    return _rebuild_in_consumer, (descriptor, _HEADER + block.capacity,
                                   tensor.numel() * tensor.element_size(), str(tensor.dtype).removeprefix("torch."),
                                   tuple(tensor.shape))
 
@@ -96,8 +97,10 @@ class WorkerBlockPool:
         self._blocks: list[_Block] = []
         self._lock = threading.Lock()
 
-    def tensor(self, shape: tuple[int, ...], dtype: torch.dtype) -> PooledTensor:
-        nbytes = max(1, int(np.prod(shape, dtype=np.int64)) * dtype.itemsize)
+    def tensor(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if nbytes == 0:
+            return torch.empty(shape, dtype=dtype)
         with self._lock:
             fits = [b for b in self._blocks if b.capacity >= nbytes and not b.in_use()]
             if fits:

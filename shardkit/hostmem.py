@@ -9,8 +9,8 @@ peak RSS grows with the number of shapes a build meets, that is with N.
 ``malloc_trim(0)`` hands back the free pages of every arena, holes in the middle of a heap
 included. It is not free: the next batch faults in again whatever it reuses. So the trimmer
 learns the ceiling of a freshly trimmed heap (RSS after the first batch that follows a trim:
-live data plus one batch's buffers) and trims only when RSS has grown ``slack`` past it. The
-peak is then about (ceiling + slack + one batch's activations), whatever N, for a handful of
+live data plus one batch's buffers) and trims only when RSS has grown a slack past it (a fifth
+of the ceiling). The peak is then about (1.2 x ceiling + one batch's activations), whatever N, for a handful of
 trims per build.
 
 Only glibc has ``malloc_trim``: elsewhere (musl, macOS, Windows) and on GPU builds, whose
@@ -29,10 +29,13 @@ import torch
 
 log = logging.getLogger(__name__)
 
-# RSS growth past the ceiling of a freshly trimmed heap that triggers a trim: the peak's bound over
-# the ceiling. Each trim costs the next batches a page fault per page they reuse, so a smaller slack
-# (more trims) slows builds with small encoders measurably; a larger one lets the peak sit higher.
-TRIM_SLACK_BYTES = 512 << 20
+# RSS growth past the ceiling of a freshly trimmed heap that triggers a trim: a share of the
+# ceiling (at least a floor), so the peak stays within ~1.2x the ceiling for small encoders and
+# large ones alike. Each trim costs the next batches a page fault per page they reuse, so a smaller
+# slack (more trims) slows builds measurably; a larger one lets the peak sit higher. A fixed 512 MiB
+# let the tiny encoders' peak at 10 N reach 1.28x the N build's (BENCHMARKS.md section 5).
+TRIM_SLACK_FRACTION = 0.2
+TRIM_SLACK_MIN_BYTES = 64 << 20
 
 _STATM = "/proc/self/statm"
 
@@ -59,14 +62,15 @@ def _resident_bytes() -> int | None:
 
 
 class HeapTrimmer:
-    """Trims the C heap after an encoder batch once RSS has grown ``slack`` bytes past the ceiling
-    of a freshly trimmed heap."""
+    """Trims the C heap after an encoder batch once RSS has grown past the ceiling of a freshly
+    trimmed heap by ``slack_fraction`` of that ceiling, or by ``slack`` bytes if that is more."""
 
     def __init__(self, malloc_trim: Callable[[int], int] | None, resident_bytes: Callable[[], int | None],
-                 slack: int = TRIM_SLACK_BYTES):
+                 slack: int = TRIM_SLACK_MIN_BYTES, slack_fraction: float = TRIM_SLACK_FRACTION):
         self.malloc_trim = malloc_trim
         self.resident_bytes = resident_bytes
         self.slack = slack
+        self.slack_fraction = slack_fraction
         # The most RSS seen after the first batch that followed a trim (or the start): what a heap
         # holding one batch's freed buffers needs, not what it keeps from earlier shapes.
         self.ceiling = 0
@@ -88,7 +92,7 @@ class HeapTrimmer:
             if self.fresh:
                 self.ceiling = max(self.ceiling, rss)
                 self.fresh = False
-            elif rss > self.ceiling + self.slack:
+            elif rss > self.ceiling + max(self.slack, self.slack_fraction * self.ceiling):
                 self.malloc_trim(0)
                 self.trims += 1
                 self.fresh = True

@@ -4,6 +4,7 @@ trimming during a build changes nothing that gets written."""
 from __future__ import annotations
 
 import ctypes
+import itertools
 import os
 import platform
 
@@ -49,15 +50,24 @@ def test_trims_only_past_the_ceiling_of_a_freshly_trimmed_heap_plus_slack():
     # batch 1 sets the ceiling (500); 600 is within the slack; 700 is past it: trim. The batch
     # after a trim only raises the ceiling (to 650), so 740 stays within it and 760 trims again.
     heap = FakeHeap([500, 600, 700, 650, 740, 760, 520, 600])
-    trimmer = HeapTrimmer(heap.malloc_trim, heap.resident_bytes, slack=100 * MiB)
+    trimmer = HeapTrimmer(heap.malloc_trim, heap.resident_bytes, slack=100 * MiB, slack_fraction=0)
     assert _run(trimmer, heap) == [0, 0, 1, 1, 1, 2, 2, 2]
     assert trimmer.trims == 2
     assert trimmer.ceiling == 650 * MiB  # the ceiling never drops: it is the largest batch's need
 
 
+def test_the_slack_is_a_share_of_the_ceiling_above_its_floor():
+    # Ceiling 1000 MiB: a fifth of it (200) is the slack, not the 64 MiB floor; 1150 stays, 1250 trims.
+    heap = FakeHeap([1000, 1150, 1250, 1000, 1150])
+    assert _run(HeapTrimmer(heap.malloc_trim, heap.resident_bytes, slack=64 * MiB, slack_fraction=0.2), heap) == [0, 0, 1, 1, 1]
+    # Ceiling 100 MiB: a fifth (20) is under the floor, so 64 MiB it is; 150 stays, 170 trims.
+    heap = FakeHeap([100, 150, 170])
+    assert _run(HeapTrimmer(heap.malloc_trim, heap.resident_bytes, slack=64 * MiB, slack_fraction=0.2), heap) == [0, 0, 1]
+
+
 def test_a_steady_heap_is_never_trimmed():
     heap = FakeHeap([800] + [790, 810, 800, 805] * 5)
-    trimmer = HeapTrimmer(heap.malloc_trim, heap.resident_bytes, slack=64 * MiB)
+    trimmer = HeapTrimmer(heap.malloc_trim, heap.resident_bytes, slack=64 * MiB, slack_fraction=0)
     _run(trimmer, heap)
     assert heap.trims == 0
 
@@ -102,7 +112,7 @@ def test_glibc_trim_and_rss_work_here():
 
 def test_only_cpu_builds_trim(monkeypatch):
     heap = FakeHeap([100, 10_000, 100, 10_000])
-    monkeypatch.setattr(hostmem, "_process_trimmer", HeapTrimmer(heap.malloc_trim, heap.resident_bytes, slack=0))
+    monkeypatch.setattr(hostmem, "_process_trimmer", HeapTrimmer(heap.malloc_trim, heap.resident_bytes, slack=0, slack_fraction=0))
     for _ in range(2):
         hostmem.after_encoder_batch(torch.device("cuda"))
     assert heap.reads == 0
@@ -124,8 +134,9 @@ def test_a_build_trimmed_after_every_batch_writes_the_same_bytes(toy_build, toy_
         calls.append(pad)
         return real_trim(pad) if real_trim is not None else 0
 
-    # A slack far below zero: every batch but the first after a trim trims the heap.
-    every_batch = HeapTrimmer(counted_trim, lambda: 1 << 30, slack=-(1 << 40))
+    # RSS that grows by 1 GiB a batch and no slack: every batch but the first after a trim trims the heap.
+    growing = itertools.count(1 << 30, 1 << 30)
+    every_batch = HeapTrimmer(counted_trim, lambda: next(growing), slack=0, slack_fraction=0)
     monkeypatch.setattr(hostmem, "_process_trimmer", every_batch)
     output = tmp_path / "trimmed"
     build(str(toy_dataset), output, make_config(), encoders=encoders)

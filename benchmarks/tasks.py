@@ -104,7 +104,8 @@ def task_build(args: dict) -> dict:
         summary = build(args["source"], out, config, encoders=encoders)
         result = CpuClock.now().since(start)
     result.update(samples=summary.written, skipped=summary.skipped, bytes=summary.bytes, shards=summary.shards,
-                  heap_trims=process_trimmer().trims, **gpu.result(), **_cuda_peak())
+                  heap_trims=process_trimmer().trims, heap_ceiling_mib=process_trimmer().ceiling / 2**20,
+                  **gpu.result(), **_cuda_peak())
     return result
 
 

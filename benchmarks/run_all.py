@@ -553,7 +553,7 @@ def section_memory(ctx: Context) -> None:
 
 
 def section_stages(ctx: Context) -> None:
-    """Stage micro-benchmarks: decode + resize, tar writing."""
+    """Stage micro-benchmarks: decode + resize, tar writing, encoder outputs to stored arrays."""
     args, out, report = ctx.args, ctx.out, ctx.report
     large = ctx.dataset(16, 4096)
     decode_rows = []
@@ -579,7 +579,17 @@ def section_stages(ctx: Context) -> None:
     text += "\n" + table("Tar writing incl. sha256: tarfile's stream writer vs ShardWriter (CPU ms/sample, best of 3)",
                          ["samples", "payload bytes/sample", "tarfile w|", "ShardWriter", "speed-up", "identical bytes"],
                          serial_rows)
-    report.add("stages", text, {"decode": decode, "serialise": serial})
+    cast = run_task("output_cast", {"device": args.device, "batch": 16, "hidden": FULL_HIDDEN, "latent_hw": [64, 64],
+                                    "compute_dtypes": ["float32", "float16"], "repeats": 5})
+    cast_rows = [[f"{compute} ({'CPU default' if compute == 'float32' else 'GPU default'})", c["values_per_sample"],
+                  c["numpy_ms"], c["torch_ms"], f"{c['numpy_ms'] / max(c['torch_ms'], 1e-6):.0f}x", c["identical_bytes"]]
+                 for compute, c in cast["by_compute"].items()]
+    text += "\n" + table(f"Encoder outputs to stored fp16 arrays on {cast['device']}, real dims (latent 8x64x64, "
+                          f"captions of 28 + 104 rows at D={FULL_HIDDEN}; host CPU ms/sample, best of 5)",
+                          ["computed in", "values/sample", "numpy cast after the copy (before)",
+                           "torch cast where computed (encoders.to_store_array)", "less host CPU", "identical bytes"],
+                          cast_rows)
+    report.add("stages", text, {"decode": decode, "serialise": serial, "output_cast": cast})
 
 
 def section_plan(ctx: Context) -> None:

@@ -541,6 +541,61 @@ def task_serialise(args: dict) -> dict:
             "identical_bytes": digests["tarfile"] == digests["shardkit"]}
 
 
+def task_output_cast(args: dict) -> dict:
+    """Host CPU per sample to turn encoder outputs into stored arrays: the cast to fp16 done by
+    numpy after the copy to the host (build.py before this task existed) against the cast done
+    by torch where the output was computed (``encoders.to_store_array``), at real dimensions."""
+    import numpy as np
+    import torch
+
+    from shardkit.encoders import to_store_array
+
+    device = torch.device(args["device"])
+    store = np.dtype(np.float16)
+    batch, hidden = args["batch"], args["hidden"]
+    rng = torch.Generator(device="cpu").manual_seed(0)
+    outputs = {}
+    # One sample: a latent and two captions (the benchmark's medians, 28 and 104 tokens, padded
+    # to their batch's width as length_batches pads them).
+    for compute in args["compute_dtypes"]:
+        dtype = getattr(torch, compute)
+        latent = torch.randn((batch, 8, *args["latent_hw"]), generator=rng).to(device, dtype)
+        captions = [(torch.randn((batch, width, hidden), generator=rng).to(device, dtype), length)
+                    for width, length in ((32, 28), (112, 104))]
+        outputs[compute] = (latent, captions)
+
+    def numpy_after_copy(latent, captions):
+        kept = [latent.float().cpu().numpy().astype(store)]
+        for hidden_states, length in captions:
+            rows = hidden_states.float().cpu().numpy()
+            kept += [rows[row, :length].astype(store) for row in range(batch)]
+        return kept
+
+    def torch_where_computed(latent, captions):
+        kept = [to_store_array(latent, store)]
+        for hidden_states, length in captions:
+            rows = to_store_array(hidden_states, store)
+            kept += [rows[row, :length] for row in range(batch)]
+        return kept
+
+    result = {}
+    for compute, (latent, captions) in outputs.items():
+        times = {"numpy": [], "torch": []}
+        for _ in range(args.get("repeats", 5)):
+            for name, fn in (("numpy", numpy_after_copy), ("torch", torch_where_computed)):
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.process_time()
+                kept = fn(latent, captions)
+                times[name].append((time.process_time() - t0) * 1000 / batch)
+        same = all(a.tobytes() == b.tobytes() for a, b in zip(numpy_after_copy(latent, captions),
+                                                               torch_where_computed(latent, captions)))
+        result[compute] = {"numpy_ms": min(times["numpy"]), "torch_ms": min(times["torch"]), "identical_bytes": same,
+                           "values_per_sample": int(latent[0].numel() + sum(length * hidden for _, length in captions))}
+        del kept
+    return {"device": str(device), "batch": batch, "hidden": hidden, "latent_hw": args["latent_hw"], "by_compute": result}
+
+
 def task_flops(args: dict) -> dict:
     """FLOPs per sample of the full-size encoders, shardkit's way and the per-file way (meta device)."""
     from fullsize import t5_encode_flops, vae_encode_flops

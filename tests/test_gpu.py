@@ -1,0 +1,90 @@
+"""GPU code paths (channels-last NHWC input, pinned non-blocking copies, fp16 autocast, the cast
+to the store dtype on the device). They run only where torch sees a CUDA GPU: CI machines have
+none, a lent GPU machine runs them with ``benchmarks/device_check.sh``."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from shardkit.build import build
+from shardkit.encoders import load_encoders
+from shardkit.inspect import inspect_output
+from shardkit.manifest import read_manifest
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch sees none)")
+
+
+def _arrays(output: Path) -> dict[str, dict[str, np.ndarray]]:
+    """key -> member suffix -> array, for every .npy member of every shard."""
+    samples: dict[str, dict[str, np.ndarray]] = {}
+    for shard in sorted((output / "shards").glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            for member in tar.getmembers():
+                key, suffix = member.name.split(".", 1)
+                if suffix.endswith(".npy"):
+                    data = tar.extractfile(member).read()
+                    samples.setdefault(key, {})[suffix] = np.load(io.BytesIO(data), allow_pickle=False)
+    return samples
+
+
+@pytest.fixture(scope="module")
+def gpu_fp32_build(tmp_path_factory, toy_dataset, make_config) -> Path:
+    output = tmp_path_factory.mktemp("gpu") / "fp32"
+    build(str(toy_dataset), output, make_config(device="cuda", dtype="fp32"))
+    return output
+
+
+def test_the_gpu_path_takes_its_gpu_settings(make_config):
+    encoders = load_encoders(make_config(device="cuda", dtype="auto"))
+    assert encoders.device.type == "cuda"
+    assert encoders.vae.channels_last and encoders.vae.pinned_copies
+    assert encoders.vae.weights_dtype == torch.float16 or encoders.vae.autocast_dtype == torch.float16
+    assert encoders.t5.dtype == torch.float16
+
+
+def test_an_fp32_gpu_build_writes_what_the_cpu_build_writes(gpu_fp32_build, toy_build):
+    gpu, cpu = _arrays(gpu_fp32_build), _arrays(toy_build)
+    assert sorted(gpu) == sorted(cpu)
+    assert sorted(p.name for p in (gpu_fp32_build / "shards").glob("*.tar")) == \
+        sorted(p.name for p in (toy_build / "shards").glob("*.tar"))
+    for key, members in cpu.items():
+        assert sorted(gpu[key]) == sorted(members)
+        for suffix, expected in members.items():
+            got = gpu[key][suffix]
+            assert got.shape == expected.shape and got.dtype == expected.dtype
+            # cuDNN may pick other convolution algorithms (TF32 included): close, not bit-equal.
+            np.testing.assert_allclose(got.astype(np.float32), expected.astype(np.float32), rtol=2e-2, atol=2e-2,
+                                       err_msg=f"{key}.{suffix}")
+
+
+def test_an_fp16_gpu_build_is_sound_and_says_how_it_computed(tmp_path, toy_dataset, make_config, toy_build):
+    output = tmp_path / "fp16"
+    summary = build(str(toy_dataset), output, make_config(device="cuda", dtype="auto"))
+    assert summary.written == 17 and summary.skipped == 0
+    manifest = read_manifest(output)
+    assert {manifest.encoders["vae"]["compute_dtype"], manifest.encoders["t5"]["compute_dtype"]} <= \
+        {"float16", "autocast-float16"}
+    report = inspect_output(str(output), verify_shards=True)
+    assert report.exit_code == 0, [f.as_json() for f in report.verification.findings]
+    gpu, cpu = _arrays(output), _arrays(toy_build)
+    for key, members in cpu.items():
+        for suffix, expected in members.items():
+            np.testing.assert_allclose(gpu[key][suffix].astype(np.float32), expected.astype(np.float32),
+                                       rtol=5e-2, atol=5e-2, err_msg=f"{key}.{suffix}")
+
+
+def test_a_gpu_build_is_reproducible(gpu_fp32_build, tmp_path, toy_dataset, make_config):
+    again = tmp_path / "again"
+    build(str(toy_dataset), again, make_config(device="cuda", dtype="fp32"))
+    first = json.loads((gpu_fp32_build / "manifest.json").read_text())
+    second = json.loads((again / "manifest.json").read_text())
+    # Same inputs, same batches, same kernels: the same bytes (cuDNN is deterministic per algorithm
+    # choice for inference convolutions; a difference here means non-determinism worth knowing).
+    assert [s["sha256"] for s in first["shards"]] == [s["sha256"] for s in second["shards"]]

@@ -96,9 +96,17 @@ def emit(result: dict) -> None:
     print(RESULT_PREFIX + json.dumps(result), flush=True)
 
 
+def task_env(**extra: str) -> dict[str, str]:
+    """The environment of a task's interpreter: offline, with this folder first on the import
+    path and the caller's path after it (a machine where shardkit runs from PYTHONPATH, such as
+    a lent GPU machine with carried wheels, keeps finding it)."""
+    path = os.pathsep.join(p for p in (str(BENCH_DIR), os.environ.get("PYTHONPATH", "")) if p)
+    return dict(os.environ, PYTHONPATH=path, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **extra)
+
+
 def run_task(task: str, args: dict, timeout: float = 3600) -> dict:
     """Run ``tasks.py TASK ARGS`` in a fresh interpreter and return its result."""
-    env = dict(os.environ, PYTHONPATH=str(BENCH_DIR), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env = task_env()
     proc = subprocess.run([sys.executable, str(BENCH_DIR / "tasks.py"), task, json.dumps(args)],
                           capture_output=True, text=True, timeout=timeout, env=env, cwd=str(REPO))
     lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]

@@ -39,7 +39,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import BENCH_DIR, DEFAULT_WORKDIR, REPO, bench_config_options, machine, run_task, table  # noqa: E402
+from common import BENCH_DIR, DEFAULT_WORKDIR, REPO, bench_config_options, machine, run_task, table, task_env  # noqa: E402
 from procmon import run_with_peak  # noqa: E402
 
 FULL_HIDDEN = 4096  # T5-XXL
@@ -191,7 +191,7 @@ def section_build(ctx: Context) -> None:
     """Build throughput: shardkit, the per-file baseline, the encoders alone (interleaved)."""
     args, out, options, report, main_ds = ctx.args, ctx.out, ctx.options, ctx.report, ctx.main_ds
     runs: dict[str, list[dict]] = {"shardkit": [], "baseline": [], "encoders": [], "processes": [], "one_stream": [],
-                                   "encoders_one_stream": [], "no_trim": [], "plain_gpu_layout": []}
+                                   "encoders_one_stream": [], "no_trim": [], "plain_gpu_layout": [], "two_streams": []}
     loads = []
     for _ in range(args.repeats):
         loads.append(_load())
@@ -212,6 +212,10 @@ def section_build(ctx: Context) -> None:
             runs["plain_gpu_layout"].append(run_task("build", {"config": options, "source": str(main_ds),
                                                                "out": str(out / "build-plain-layout"),
                                                                "plain_gpu_layout": True}))
+            # and whether a second encoder thread (host work of one batch beside the GPU work of
+            # the other) beats the GPU default of one
+            runs["two_streams"].append(run_task("build", {"config": dict(options, encoder_streams=2),
+                                                          "source": str(main_ds), "out": str(out / "build-two-streams")}))
     loads.append(_load())
 
     def best(name: str) -> dict:
@@ -249,6 +253,11 @@ def section_build(ctx: Context) -> None:
         rows.append(["for reference: VAE without channels-last and pinned, non-blocking input copies", pl[0], pl[1],
                      best("plain_gpu_layout")["cpu_self_s"] + best("plain_gpu_layout")["cpu_children_s"],
                      f"{pl[0] / sk[0]:.2f}x build()"])
+    if runs["two_streams"]:
+        two = rates("two_streams")
+        rows.append(["for reference: two encoder streams (threads) instead of the GPU default of one", two[0], two[1],
+                     best("two_streams")["cpu_self_s"] + best("two_streams")["cpu_children_s"],
+                     f"{two[0] / sk[0]:.2f}x build()"])
     text = table(f"Build throughput, N={args.n} ({args.repeats} interleaved runs, load average {min(loads)}-{max(loads)})",
                  ["what", "samples/s best", "samples/s median", "CPU s (best run)", "ratio"], rows)
     base = best("baseline")
@@ -532,7 +541,7 @@ def section_memory(ctx: Context) -> None:
     first, last = mem_rows
     # The same builds with the encoders stubbed out: what shardkit itself holds, without the
     # memory the encoders' allocations leave behind.
-    env = dict(os.environ, PYTHONPATH=str(BENCH_DIR), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **extra_env)
+    env = task_env(**extra_env)
     stub_rows = []
     for label, dataset in ((f"N = {args.n}", ctx.main_ds), (f"10 N = {10 * args.n}", big)):
         task = {"config": options, "source": str(dataset), "out": str(out / "memory-stub"), "stub": True}
@@ -752,18 +761,19 @@ def main() -> None:
     chosen = args.only or [s for s in SECTIONS if not (s == "memory" and args.skip_memory)]
     if any(s in chosen for s in ("bytes", "read", "verify")) and "build" not in chosen:
         ctx.ensure_builds()
-    for name in SECTIONS:
-        if name in chosen:
-            globals()[f"section_{name}"](ctx)
-    results = ctx.report.results
-    results["elapsed_s"] = time.perf_counter() - started
-    print(f"\nbenchmarks: {results['elapsed_s']:.0f} s", flush=True)
     suffix = "" if args.only is None else "-only-" + "-".join(args.only)
     target = args.json or (REPO / "benchmarks" / "results" /
                            f"{args.device}-{'full' if args.full_size else 'tiny'}-n{args.n}{suffix}.json")
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(json.dumps(results, indent=1, default=str) + "\n")
-    target.with_suffix(".md").write_text("\n".join(ctx.report.sections))
+    results = ctx.report.results
+    for name in SECTIONS:
+        if name in chosen:
+            globals()[f"section_{name}"](ctx)
+            # Written after every section: a run cut short (a lent GPU's time limit) keeps what it finished.
+            results["elapsed_s"] = time.perf_counter() - started
+            target.write_text(json.dumps(results, indent=1, default=str) + "\n")
+            target.with_suffix(".md").write_text("\n".join(ctx.report.sections))
+    print(f"\nbenchmarks: {results['elapsed_s']:.0f} s", flush=True)
     print(f"results: {target} (+ .md)")
 
 

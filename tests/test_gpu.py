@@ -21,6 +21,11 @@ from shardkit.manifest import read_manifest
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch sees none)")
 
 
+def _relative_rms(got: np.ndarray, expected: np.ndarray) -> float:
+    got, expected = got.astype(np.float64), expected.astype(np.float64)
+    return float(np.sqrt(np.mean((got - expected) ** 2)) / (np.sqrt(np.mean(expected ** 2)) + 1e-12))
+
+
 def _arrays(output: Path) -> dict[str, dict[str, np.ndarray]]:
     """key -> member suffix -> array, for every .npy member of every shard."""
     samples: dict[str, dict[str, np.ndarray]] = {}
@@ -59,9 +64,8 @@ def test_an_fp32_gpu_build_writes_what_the_cpu_build_writes(gpu_fp32_build, toy_
         for suffix, expected in members.items():
             got = gpu[key][suffix]
             assert got.shape == expected.shape and got.dtype == expected.dtype
-            # cuDNN may pick other convolution algorithms (TF32 included): close, not bit-equal.
-            np.testing.assert_allclose(got.astype(np.float32), expected.astype(np.float32), rtol=2e-2, atol=2e-2,
-                                       err_msg=f"{key}.{suffix}")
+            # cuDNN picks other convolution algorithms (TF32 included): close, not bit-equal.
+            assert _relative_rms(got, expected) < 1e-2, f"{key}.{suffix}"
 
 
 def test_an_fp16_gpu_build_is_sound_and_says_how_it_computed(tmp_path, toy_dataset, make_config, toy_build):
@@ -74,10 +78,11 @@ def test_an_fp16_gpu_build_is_sound_and_says_how_it_computed(tmp_path, toy_datas
     report = inspect_output(str(output), verify_shards=True)
     assert report.exit_code == 0, [f.as_json() for f in report.verification.findings]
     gpu, cpu = _arrays(output), _arrays(toy_build)
-    for key, members in cpu.items():
-        for suffix, expected in members.items():
-            np.testing.assert_allclose(gpu[key][suffix].astype(np.float32), expected.astype(np.float32),
-                                       rtol=5e-2, atol=5e-2, err_msg=f"{key}.{suffix}")
+    errors = {f"{key}.{suffix}": _relative_rms(gpu[key][suffix], expected)
+              for key, members in cpu.items() for suffix, expected in members.items()}
+    # fp16 keeps 11 significant bits: a few tenths of a percent through the tiny encoders
+    # (bf16, with 8, gives at most 0.8% here, measured on the CPU).
+    assert max(errors.values()) < 3e-2, max(errors.items(), key=lambda item: item[1])
 
 
 def test_a_gpu_build_is_reproducible(gpu_fp32_build, tmp_path, toy_dataset, make_config):

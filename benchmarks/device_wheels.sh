@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Run here (not on the GPU machine), once per session that was lent one: fetches into .whl/ the
+# pure-Python wheels that the lent machine's image lacks (it has torch, transformers, tokenizers,
+# safetensors, numpy, pillow, click, tqdm, fsspec, pytest, and reaches no package index).
+# Then pass carry=[".whl"] to the device run of benchmarks/device_check.sh.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+rm -rf .whl && mkdir .whl
+python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
+    diffusers==0.42.1 webdataset==1.0.2 braceexpand==0.1.7 importlib_metadata==8.7.0
+ls -l .whl
+du -sh .whl

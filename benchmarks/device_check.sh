@@ -13,7 +13,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/device-check}
-PYTHON=${PYTHON:-python3}
+PYTHON=$(command -v "${PYTHON:-python3}") || { echo "no ${PYTHON:-python3} here"; exit 3; }
+PYTHON="$(cd "$(dirname "$PYTHON")" && pwd)/$(basename "$PYTHON")"  # absolute (not resolved: a venv's link stays)
 BUDGET_S=${BUDGET_S:-420}
 N=${N:-200}
 WORK=${WORK:-/tmp/shardkit-bench-gpu}

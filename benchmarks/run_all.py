@@ -291,6 +291,16 @@ def section_host(ctx: Context) -> None:
             host_rows.append([label, "threads (build.py)" if mode == "threads" else
                               "spawned processes (build.py before f4fe59c)", 1000 * cpu / full["samples"],
                               "-" if marginal is None else marginal, 1000 * full["wall_s"] / full["samples"]])
+    # The same 512-px build with T5 rows at T5-XXL's width: what serialising, hashing, checking
+    # and writing ~1.1 MB of features per sample adds (the stubs' arrays are zeros; none of these
+    # costs depends on the values).
+    wide = min((run_task("build", {"config": options, "source": str(ds512), "out": str(out / "stub"), "stub": True,
+                                   "stub_hidden": FULL_HIDDEN}) for _ in range(args.repeats)),
+               key=lambda r: r["cpu_self_s"] + r["cpu_children_s"])
+    host["512-px JPEG threads, T5 rows at real width"] = {"full": wide}
+    host_rows.append([f"512-px JPEG, T5 rows at D={FULL_HIDDEN}", "threads (build.py)",
+                      1000 * (wide["cpu_self_s"] + wide["cpu_children_s"]) / wide["samples"], "-",
+                      1000 * wide["wall_s"] / wide["samples"]])
     stages = run_task("build_stages", {"config": options, "source": str(ds512), "out": str(out / "stages")})
     text = table("Host overhead: CPU ms per sample outside the encoders (encoders stubbed)",
                  ["input", "decode runs in", "CPU ms/sample (whole build() call)",
@@ -659,7 +669,13 @@ def section_flops(ctx: Context) -> None:
 
     padding_rows, padding = [], {}
     batch_sizes = sorted({args.batch_size, 16})  # the run's VAE batch and BuildConfig's default
-    for label, dataset in ((f"N={args.n}", ctx.main_ds), (f"10 N={10 * args.n}", ctx.dataset(10 * args.n))):
+    # The counts do not depend on the device: a GPU run (short of time on a lent machine) counts
+    # only N and leaves the 10 N rows, and the 10 N dataset they need, to the CPU run.
+    counted = [(f"N={args.n}", lambda: ctx.main_ds)]
+    if args.device == "cpu":
+        counted.append((f"10 N={10 * args.n}", lambda: ctx.dataset(10 * args.n)))
+    for label, dataset_of in counted:
+        dataset = dataset_of()
         padding[label] = run_task("t5_padding", {"tokenizer": str(ctx.tiny / "tokenizer"), "batch_sizes": batch_sizes,
                                                  "resolution": args.resolution, "t5_batch_size": args.t5_batch_size,
                                                  "source": str(dataset)})

@@ -38,19 +38,21 @@ def _warm_up(encoders) -> None:
     encoders.t5.encode([[5, 6, 1]], 1)
 
 
-def _stub_encoders(encoders) -> None:
-    """Encoders that cost nothing but return arrays of the real shapes and dtypes."""
+def _stub_encoders(encoders, hidden: int | None = None) -> None:
+    """Encoders that cost nothing but return arrays of the real shapes and dtypes (T5 rows of
+    width ``hidden`` instead of the model's, to count the host's work at T5-XXL's width)."""
     import numpy as np
 
     vae, t5 = encoders.vae, encoders.t5
     channels = 2 * vae.identity.latent_channels
+    width = hidden or t5.hidden_size
 
     def fake_vae(pixels):
         return np.zeros((len(pixels), channels, pixels.shape[1] // vae.downsample, pixels.shape[2] // vae.downsample),
                         vae.store_dtype)
 
     def fake_t5(token_ids, batch_size):
-        return [np.zeros((len(ids), t5.hidden_size), t5.store_dtype) for ids in token_ids]
+        return [np.zeros((len(ids), width), t5.store_dtype) for ids in token_ids]
 
     vae.encode = fake_vae
     t5.encode = fake_t5
@@ -88,7 +90,7 @@ def task_build(args: dict) -> dict:
 
     config, encoders = _load(args["config"])
     if args.get("stub"):
-        _stub_encoders(encoders)
+        _stub_encoders(encoders, args.get("stub_hidden"))
     if args.get("decode_processes"):
         _decode_in_processes()
     if args.get("no_trim"):

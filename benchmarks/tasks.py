@@ -95,6 +95,8 @@ def task_build(args: dict) -> dict:
         _decode_in_processes()
     if args.get("no_trim"):
         process_trimmer().malloc_trim = None  # the build as it was before shardkit/hostmem.py
+    if args.get("trim_slack_fraction") is not None:  # A/B of the trim policy's slack
+        process_trimmer().slack_fraction = args["trim_slack_fraction"]
     if args.get("plain_gpu_layout"):  # GPU A/B: NCHW tensors and pageable host-to-device copies
         import torch
 

@@ -9,9 +9,9 @@ peak RSS grows with the number of shapes a build meets, that is with N.
 ``malloc_trim(0)`` hands back the free pages of every arena, holes in the middle of a heap
 included. It is not free: the next batch faults in again whatever it reuses. So the trimmer
 learns the ceiling of a freshly trimmed heap (RSS after the first batch that follows a trim:
-live data plus one batch's buffers) and trims only when RSS has grown a slack past it (a fifth
-of the ceiling). The peak is then about (1.2 x ceiling + one batch's activations), whatever N, for a handful of
-trims per build.
+live data plus one batch's buffers) and trims only when RSS has grown a slack past it (half
+the ceiling). The peak is then about (1.5 x ceiling + one batch's activations), whatever N, for a
+handful of trims per build.
 
 Only glibc has ``malloc_trim``: elsewhere (musl, macOS, Windows) and on GPU builds, whose
 activations live in device memory, this does nothing.
@@ -30,11 +30,12 @@ import torch
 log = logging.getLogger(__name__)
 
 # RSS growth past the ceiling of a freshly trimmed heap that triggers a trim: a share of the
-# ceiling (at least a floor), so the peak stays within ~1.2x the ceiling for small encoders and
-# large ones alike. Each trim costs the next batches a page fault per page they reuse, so a smaller
-# slack (more trims) slows builds measurably; a larger one lets the peak sit higher. A fixed 512 MiB
-# let the tiny encoders' peak at 10 N reach 1.28x the N build's (BENCHMARKS.md section 5).
-TRIM_SLACK_FRACTION = 0.2
+# ceiling (at least a floor), so the bound scales with the encoders. Each trim costs the next
+# batches a page fault per page they reuse, dear on some VMs: at a fifth of the ceiling a
+# 200-sample build trimmed 14-24 times and ran 1.20x slower than untrimmed on one machine; at half,
+# 5-8 trims and 10 N / N peak 1.05x (a fixed 512 MiB once let the 10 N peak reach 1.28x the N
+# build's: the N build had not yet met its bound). BENCHMARKS.md section 5.
+TRIM_SLACK_FRACTION = 0.5
 TRIM_SLACK_MIN_BYTES = 64 << 20
 
 _STATM = "/proc/self/statm"

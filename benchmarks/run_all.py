@@ -267,40 +267,41 @@ def section_build(ctx: Context) -> None:
     report.add("build", text, {"runs": runs, "loads": loads})
 
 
+def _cpu_s(run: dict) -> float:
+    return run["cpu_self_s"] + run["cpu_children_s"]
+
+
 def section_host(ctx: Context) -> None:
     """Host overhead: CPU per sample outside the encoders (encoders stubbed)."""
     args, out, options, report = ctx.args, ctx.out, ctx.options, ctx.report
     main_ds, ds512 = ctx.main_ds, ctx.ds512
     quarter = ctx.dataset(max(args.n // 4, 8), 512)
+
+    def least_cpu_stub_build(dataset: Path, **extra) -> dict:
+        """The stubbed build of ``dataset`` that took the least CPU over the repeats."""
+        return min((run_task("build", {"config": options, "source": str(dataset), "out": str(out / "stub"),
+                                       "stub": True, **extra}) for _ in range(args.repeats)), key=_cpu_s)
+
     host_rows = []
     host = {}
     for label, dataset, small in (("512-px JPEG", ds512, quarter), ("384-1024 px JPEG", main_ds, None)):
         for mode in ("threads", "processes"):
-            full = min((run_task("build", {"config": options, "source": str(dataset), "out": str(out / "stub"),
-                                           "stub": True, "decode_processes": mode == "processes"})
-                        for _ in range(args.repeats)), key=lambda r: r["cpu_self_s"] + r["cpu_children_s"])
-            cpu = full["cpu_self_s"] + full["cpu_children_s"]
+            full = least_cpu_stub_build(dataset, decode_processes=mode == "processes")
             marginal = None
             if small is not None:
-                part = min((run_task("build", {"config": options, "source": str(small), "out": str(out / "stub"),
-                                               "stub": True, "decode_processes": mode == "processes"})
-                            for _ in range(args.repeats)), key=lambda r: r["cpu_self_s"] + r["cpu_children_s"])
-                cpu_small = part["cpu_self_s"] + part["cpu_children_s"]
-                marginal = 1000 * (cpu - cpu_small) / (full["samples"] - part["samples"])
+                part = least_cpu_stub_build(small, decode_processes=mode == "processes")
+                marginal = 1000 * (_cpu_s(full) - _cpu_s(part)) / (full["samples"] - part["samples"])
             host[f"{label} {mode}"] = {"full": full, "marginal_ms": marginal}
             host_rows.append([label, "threads (build.py)" if mode == "threads" else
-                              "spawned processes (build.py before f4fe59c)", 1000 * cpu / full["samples"],
+                              "spawned processes (build.py before f4fe59c)", 1000 * _cpu_s(full) / full["samples"],
                               "-" if marginal is None else marginal, 1000 * full["wall_s"] / full["samples"]])
     # The same 512-px build with T5 rows at T5-XXL's width: what serialising, hashing, checking
     # and writing ~1.1 MB of features per sample adds (the stubs' arrays are zeros; none of these
     # costs depends on the values).
-    wide = min((run_task("build", {"config": options, "source": str(ds512), "out": str(out / "stub"), "stub": True,
-                                   "stub_hidden": FULL_HIDDEN}) for _ in range(args.repeats)),
-               key=lambda r: r["cpu_self_s"] + r["cpu_children_s"])
+    wide = least_cpu_stub_build(ds512, stub_hidden=FULL_HIDDEN)
     host["512-px JPEG threads, T5 rows at real width"] = {"full": wide}
     host_rows.append([f"512-px JPEG, T5 rows at D={FULL_HIDDEN}", "threads (build.py)",
-                      1000 * (wide["cpu_self_s"] + wide["cpu_children_s"]) / wide["samples"], "-",
-                      1000 * wide["wall_s"] / wide["samples"]])
+                      1000 * _cpu_s(wide) / wide["samples"], "-", 1000 * wide["wall_s"] / wide["samples"]])
     stages = run_task("build_stages", {"config": options, "source": str(ds512), "out": str(out / "stages")})
     text = table("Host overhead: CPU ms per sample outside the encoders (encoders stubbed)",
                  ["input", "decode runs in", "CPU ms/sample (whole build() call)",
@@ -671,11 +672,10 @@ def section_flops(ctx: Context) -> None:
     batch_sizes = sorted({args.batch_size, 16})  # the run's VAE batch and BuildConfig's default
     # The counts do not depend on the device: a GPU run (short of time on a lent machine) counts
     # only N and leaves the 10 N rows, and the 10 N dataset they need, to the CPU run.
-    counted = [(f"N={args.n}", lambda: ctx.main_ds)]
+    counted = [(f"N={args.n}", ctx.main_ds)]
     if args.device == "cpu":
-        counted.append((f"10 N={10 * args.n}", lambda: ctx.dataset(10 * args.n)))
-    for label, dataset_of in counted:
-        dataset = dataset_of()
+        counted.append((f"10 N={10 * args.n}", ctx.dataset(10 * args.n)))
+    for label, dataset in counted:
         padding[label] = run_task("t5_padding", {"tokenizer": str(ctx.tiny / "tokenizer"), "batch_sizes": batch_sizes,
                                                  "resolution": args.resolution, "t5_batch_size": args.t5_batch_size,
                                                  "source": str(dataset)})

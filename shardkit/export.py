@@ -33,7 +33,9 @@ from .reader import (ShardStore, TarSample, caption_mask, pad_caption_feature, r
                      safe_relative_path)
 from .storage import atomic_write_bytes
 
-PIXART_IMAGE_EXTENSIONS = (".png", ".jpg", ".webp")  # the only ones PixArt's multi-scale loader replaces
+# What PixArt-Σ's loader replaces, in its order (InternalData.py, replace_img_ext); other
+# extensions, e.g. ".PNG" or ".tif", stay in the name.
+PIXART_IMAGE_EXTENSIONS = (".png", ".jpg", ".webp", ".jpeg", ".JPEG", ".JPG")
 CAPTION_FOLDERS = ("caption_features_new", "sharegpt4v_caption_features_new")
 
 
@@ -42,10 +44,10 @@ def pixart_feature_name(path: str, extension: str) -> str:
 
     It joins the path's LAST folder to the file name with ``_`` (``a/b/c.jpg`` -> ``a/b_c.jpg``,
     so deeper folders stay folders), then replaces every occurrence, anywhere in the string, of
-    ``.png``, then ``.jpg``, then ``.webp`` by ``extension``. Its quirks are kept on purpose,
-    since the loader will look for exactly this name: ``.jpeg``, ``.JPG`` and other extensions
-    are left as they are (``x.jpeg`` -> ``x.jpeg``), and a folder name holding ``.jpg`` is
-    rewritten too.
+    ``.png``, ``.jpg``, ``.webp``, ``.jpeg``, ``.JPEG`` and ``.JPG``, in that order, by
+    ``extension``. Its quirks are kept on purpose, since the loader will look for exactly this
+    name: other extensions (``.PNG``, ``.Jpg``, ``.tif``) are left as they are, and a folder name
+    holding one of these is rewritten too (``a.jpg.d/b.png`` -> ``a.npy.d_b.npy``).
     """
     name = "_".join(path.rsplit("/", 1))
     for image_extension in PIXART_IMAGE_EXTENSIONS:
@@ -148,7 +150,7 @@ class PixArtExport:
         if npy_name in names:
             raise ShardkitError(f"images {names[npy_name]!r} and {path!r} map to the same PixArt feature file "
                                 f"{npy_name!r} (PixArt's loader joins the last folder with '_' and replaces "
-                                f".png/.jpg/.webp); rename one of them and rebuild")
+                                f"{'/'.join(PIXART_IMAGE_EXTENSIONS)}); rename one of them and rebuild")
         names[npy_name] = path
 
         if "latent.npy" not in raw.members:

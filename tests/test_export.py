@@ -22,7 +22,9 @@ def pixart_loader_name(path: str, ext: str) -> str:
     """What PixArt-Σ's multi-scale loader computes (written out here independently of shardkit)."""
     joined = path.rsplit("/", 1)
     joined = joined[0] + "_" + joined[1] if len(joined) == 2 else joined[0]
-    return joined.replace(".png", ext).replace(".jpg", ext).replace(".webp", ext)
+    for image_ext in (".png", ".jpg", ".webp", ".jpeg", ".JPEG", ".JPG"):
+        joined = joined.replace(image_ext, ext)
+    return joined
 
 
 def pixart_loader_caption(npz_path: Path, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,31 +88,37 @@ def test_export_holds_every_sample_as_pixart_loads_it(toy_build, toy_dataset, tm
         assert image.read_bytes() == (toy_dataset / "InternImgs" / item["path"]).read_bytes()
 
 
-def test_feature_names_mirror_pixart_loader_quirks():
-    cases = {
-        "a.png": "a.npy",
-        "dir/x.jpg": "dir_x.npy",
-        "dir/sub/x.webp": "dir/sub_x.npy",  # only the last folder is joined
-        "x.jpeg": "x.jpeg",  # .jpeg is not replaced by the multi-scale loader
-        "X.JPG": "X.JPG",  # nor are upper-case extensions
-        "a.jpg.d/b.png": "a.npy.d_b.npy",  # every occurrence, anywhere
-        "plain": "plain",
-    }
-    for path, name in cases.items():
-        assert pixart_feature_name(path, ".npy") == name == pixart_loader_name(path, ".npy")
-        assert pixart_feature_name(path, ".npz") == pixart_loader_name(path, ".npz")
+@pytest.mark.parametrize("path, name", [
+    ("a.png", "a.npy"),
+    ("dir/x.jpg", "dir_x.npy"),
+    ("x.webp", "x.npy"),
+    ("x.jpeg", "x.npy"),
+    ("x.JPEG", "x.npy"),
+    ("X.JPG", "X.npy"),
+    ("dir/sub/x.webp", "dir/sub_x.npy"),  # only the last folder is joined
+    ("x.PNG", "x.PNG"),  # the loader knows no upper-case .png or .webp, nor mixed case
+    ("x.WEBP", "x.WEBP"),
+    ("x.Jpg", "x.Jpg"),
+    ("x.tif", "x.tif"),
+    ("a.jpg.d/b.png", "a.npy.d_b.npy"),  # every occurrence, anywhere
+    ("photos.JPG/sub/x.jpeg", "photos.npy/sub_x.npy"),
+    ("plain", "plain"),
+])
+def test_feature_names_follow_pixart_loader(path, name):
+    assert pixart_feature_name(path, ".npy") == name == pixart_loader_name(path, ".npy")
+    assert pixart_feature_name(path, ".npz") == pixart_loader_name(path, ".npz")
 
 
 def test_nested_and_unreplaced_names_are_written_where_pixart_looks(tmp_path):
-    paths = ["sub/dir/photo.jpeg", "top.png", "a/b.webp"]
+    paths = ["sub/dir/photo.jpeg", "top.png", "a/b.PNG"]
     build = tmp_path / "build"
     write_synthetic_build(build, {"1.0": [3]}, path_of=lambda i: paths[i], has_second=lambda i: i != 1, image=True)
     dest = tmp_path / "dest"
     summary = export_pixart(build, dest)
     latent_root = dest / "InternData" / "img_sdxl_vae_features_256resolution_ms_new"
     assert sorted(str(p.relative_to(latent_root)) for p in latent_root.rglob("*") if p.is_file()) == \
-        ["a_b.npy", "sub/dir_photo.jpeg", "top.npy"]
-    assert (dest / "InternData" / "caption_features_new" / "sub" / "dir_photo.jpeg").is_file()
+        ["a_b.PNG", "sub/dir_photo.npy", "top.npy"]
+    assert (dest / "InternData" / "caption_features_new" / "sub" / "dir_photo.npz").is_file()
     assert not (dest / "InternData" / "sharegpt4v_caption_features_new" / "top.npz").exists()
     assert summary.caption_features == {"caption_features_new": 3, "sharegpt4v_caption_features_new": 2}
     assert (dest / "InternImgs" / "sub" / "dir" / "photo.jpeg").read_bytes() == b"image bytes 0"

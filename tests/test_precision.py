@@ -94,3 +94,55 @@ def test_a_shard_whose_every_record_is_skipped_leaves_no_empty_tar(toy_dataset, 
     monkeypatch.setattr(type(encoders.vae), "encode", lambda self, pixels: pytest.fail("re-encoded on resume"))
     again = build(str(toy_dataset), output, config, encoders=encoders)
     assert again.written == 0 and again.skipped == summary.skipped
+
+
+def _stored_latents(output) -> dict[str, tuple[dict, np.ndarray]]:
+    """path -> (metadata, latent) for every sample in the build's shards."""
+    import io
+    import tarfile
+
+    members: dict[str, dict[str, bytes]] = {}
+    for shard in sorted((output / "shards").glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            for member in tar.getmembers():
+                key, suffix = member.name.split(".", 1)
+                members.setdefault(key, {})[suffix] = tar.extractfile(member).read()
+    stored = {}
+    for parts in members.values():
+        meta = json.loads(parts["json"])
+        stored[meta["path"]] = (meta, np.load(io.BytesIO(parts["latent.npy"]), allow_pickle=False))
+    return stored
+
+
+def test_a_cpu_fp32_build_stores_the_latents_of_an_fp64_encode(tiny_models, make_config, tmp_path):
+    """The CPU path must run the VAE on NCHW input: PyTorch's channels-last CPU GroupNorm is far
+    less exact. Images already at their bucket's size are encoded from exactly their pixels."""
+    from diffusers import AutoencoderKL
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    source = tmp_path / "images"
+    source.mkdir()
+    pixels = {}
+    for name, (height, width) in {"square.png": (256, 256), "wide.png": (224, 288), "tall.png": (288, 224)}.items():
+        # Smooth gradients with a little grain, like a sky: where channels-last GroupNorm loses most.
+        ramp = np.linspace(0, 255, width)[None, :, None] * np.linspace(0.2, 1, height)[:, None, None]
+        array = np.clip(ramp + rng.normal(0, 3, (height, width, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(array).save(source / name)
+        (source / name).with_suffix(".txt").write_text(f"a picture called {name}")
+        pixels[name] = array
+    output = tmp_path / "out"
+    build(str(source), output, make_config(captions=("prompt",), store_dtype="fp32", dtype="fp32", device="cpu"))
+
+    vae = AutoencoderKL.from_pretrained(tiny_models, subfolder="vae", torch_dtype=torch.float64).eval()
+    stored = _stored_latents(output)
+    assert sorted(stored) == sorted(pixels)
+    for name, (meta, latent) in stored.items():
+        assert meta["bucket_hw"] == list(pixels[name].shape[:2]) and (meta["crop_top"], meta["crop_left"]) == (0, 0)
+        x = torch.from_numpy(pixels[name]).permute(2, 0, 1)[None].to(torch.float64) / 127.5 - 1.0
+        with torch.no_grad():
+            posterior = vae.encode(x).latent_dist
+        expected = torch.cat([posterior.mean, posterior.std], dim=1)[0].numpy()
+        assert latent.dtype == np.float32 and latent.shape == expected.shape
+        relative = np.abs(latent - expected).max() / np.abs(expected).max()
+        assert relative < 1e-5, f"{name}: {relative:.2e}"

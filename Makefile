@@ -4,7 +4,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-TINY := .cache/tiny-models
+# Where the tiny-offline preset reads the tiny encoders (`shardkit tiny-models` writes there by default).
+TINY := $(HOME)/.cache/shardkit/tiny-models
 DEMO_OUT := out/toy
 
 .PHONY: demo test install clean

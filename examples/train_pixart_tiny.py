@@ -1,6 +1,6 @@
 """Shards to gradient steps: train a tiny PixArt transformer for a few steps on CPU.
 
-    shardkit tiny-models .cache/tiny-models
+    shardkit tiny-models
     shardkit build examples/toy-dataset /tmp/toy-out --config tiny-offline
     python examples/train_pixart_tiny.py /tmp/toy-out --steps 8
 

@@ -34,7 +34,7 @@ from .hostmem import after_encoder_batch
 from .images import DecodeJob, DecodeResult, SourceUnavailable, run_decode_job
 from .lookahead import bounded_map
 from .manifest import MANIFEST_NAME, Manifest, ShardEntry, read_manifest_at, write_failures, write_manifest
-from .plan import PlannedRecord, Planner, ShardPlan, Skip
+from .plan import PlannedRecord, Planner, ShardPlan, Skip, check_caption_fields
 from .shards import Sample, ShardWriter, WrittenShard, json_bytes, npy_bytes, remove_partial_shards
 from .sources import count_records, iter_records, resolve_source
 from .storage import RemotePath, Storage, is_url, storage_options_for
@@ -63,17 +63,22 @@ class BuildSummary:
     per_bucket: dict[str, dict]
     bytes: int
     shards: int
-    shards_reused: int
+    shards_reused: int  # of ``shards``, those kept from an earlier run of a resumed build
     elapsed_s: float
     rank: int = 0
     world_size: int = 1
     # Multi-rank launches: the merge on rank 0, True on the others once rank 0 merged,
     # None when the parts wait for `shardkit merge`.
     merged: MergeSummary | bool | None = None
+    kept_samples: int = 0  # of ``written``, those in shards kept from an earlier run
 
     @property
     def skipped(self) -> int:
         return sum(self.skipped_by_reason.values())
+
+    @property
+    def written_this_run(self) -> int:
+        return self.written - self.kept_samples
 
 
 @dataclass
@@ -112,39 +117,78 @@ class BuildJob:
     """
 
     def __init__(self, source: str, output: str | Path, config: BuildConfig, overwrite: bool = False,
-                 encoders: Encoders | None = None, storage_options: dict | None = None, ranks: RankInfo | None = None):
+                 encoders: Encoders | None = None, storage_options: dict | None = None, ranks: RankInfo | None = None,
+                 announce: Callable[[str], None] | None = None):
         self.config = config
         self.ranks = ranks or RankInfo()
+        announce = announce or (lambda line: None)
         self.storage = Storage.for_url(output, storage_options_for(output, config.endpoint_url, storage_options))
         self.output = self.storage.location
         self.spec = resolve_source(source, config.image_root, _source_options(source, config, storage_options))
         self.table = BucketTable(config.resolution)
-        self._prepare_output(overwrite)
+        # Every mistake in the options is found before the encoders load (seconds to minutes) and
+        # before OUTPUT is created or changed.
+        check_caption_fields(iter_records(self.spec, config.captions), config.captions, self.spec.describe())
+        previous = self._check_output(overwrite)
         if encoders is not None:
             check_encoders_match(encoders, config)
         else:
+            announce(f"loading encoders: VAE {config.vae}, T5 {config.t5} ...")
             encoders = load_encoders(config, select_cuda_device(config.device, self.ranks))
         self.encoders = encoders
-        self.manifest = self._open_manifest()
+        self._prepare_output(overwrite)
+        self.manifest = self._open_manifest(previous)
         self.done_paths = {e.path for e in self.manifest.shards} | {e["path"] for e in self.manifest.empty_plans}
+        self.kept_samples = sum(e.samples for e in self.manifest.shards)
         self.shards_reused = 0
         self._write_failure: BaseException | None = None
         self._writers: list[ShardWriter] = []
 
+    @property
+    def resume_note(self) -> str | None:
+        """What a resumed build keeps, said before it starts; None for a fresh build."""
+        if not self.done_paths:
+            return None
+        return (f"resuming {self.output}: {len(self.manifest.shards)} shards ({self.kept_samples} samples) kept "
+                f"from an earlier run; encoding the rest")
+
     # ---- OUTPUT handling -----------------------------------------------------------------
-    def _prepare_output(self, overwrite: bool) -> None:
+    def _check_output(self, overwrite: bool) -> Manifest | None:
+        """Whether OUTPUT can take this build, changing nothing; the earlier build's manifest to resume."""
         storage = self.storage
-        storage.prepare()
-        if overwrite:
-            self._start_over()
+        if storage.is_local:
+            if storage.root.exists() and not storage.root.is_dir():
+                raise ShardkitError(f"OUTPUT {storage.root} is a file; pass a folder path")
+            if not storage.root.exists():
+                return None
         else:
-            check_world_size(storage, self.ranks)
+            storage.prepare()  # object storage: checks the bucket, creates nothing
         names = storage.listdir("")
         if not any(name == MANIFEST_NAME or PART_PATTERN.match(name) for name in names):
             foreign = [name for name in names if name != "shards" and not _BUILD_FILE.match(name)]
             if foreign:
                 raise ShardkitError(f"OUTPUT {self.output} is not empty and holds no shardkit manifest "
                                     f"(found {', '.join(sorted(foreign)[:3])}); choose an empty folder")
+        if overwrite:
+            return None
+        check_world_size(storage, self.ranks)
+        if not storage.exists(self.ranks.manifest_name):
+            return None
+        previous = read_manifest_at(storage, self.ranks.manifest_name)
+        old = {k: v for k, v in previous.config.items() if k not in BuildConfig.RUNTIME_FIELDS}
+        new = self.config.content_fields()
+        changed = [f"{k} {_option_value(old.get(k))} -> {_option_value(new.get(k))}"
+                   for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        if changed:
+            raise ShardkitError(f"OUTPUT {self.output} was built with different options ({'; '.join(changed)}); "
+                                f"use the same options to resume, or pass --overwrite to start over")
+        return previous
+
+    def _prepare_output(self, overwrite: bool) -> None:
+        storage = self.storage
+        storage.prepare()
+        if overwrite:
+            self._start_over()
         if storage.is_local:
             remove_partial_shards(storage.root, self.ranks.cleans)
 
@@ -161,21 +205,14 @@ class BuildJob:
             if self.ranks.cleans(name):
                 self.storage.remove(f"shards/{name}")
 
-    def _open_manifest(self) -> Manifest:
+    def _open_manifest(self, previous: Manifest | None) -> Manifest:
         encoders = {"vae": self.encoders.vae.identity.as_json(), "t5": self.encoders.t5.identity.as_json()}
         fresh = Manifest(config=self.config.to_json(), encoders=encoders, resolution=self.config.resolution,
                          buckets=self.table.as_json(),
                          distributed={"rank": self.ranks.rank, "world_size": self.ranks.world_size}
                          if self.ranks.distributed else None)
-        if not self.storage.exists(self.ranks.manifest_name):
+        if previous is None:
             return fresh
-        previous = read_manifest_at(self.storage, self.ranks.manifest_name)
-        old_content = {k: v for k, v in previous.config.items() if k not in BuildConfig.RUNTIME_FIELDS}
-        if old_content != self.config.content_fields():
-            changed = sorted(k for k in set(old_content) | set(self.config.content_fields())
-                             if old_content.get(k) != self.config.content_fields().get(k))
-            raise ShardkitError(f"OUTPUT {self.output} was built with different options ({', '.join(changed)}); "
-                                f"use the same options to resume, or pass --overwrite to start over")
         for name in ("vae", "t5"):
             old = {k: v for k, v in previous.encoders[name].items() if k != "compute_dtype"}
             new = getattr(self.encoders, name).identity.content_json()
@@ -278,7 +315,7 @@ class BuildJob:
                             skipped_by_reason=data["skipped_by_reason"], per_bucket=data["totals"]["per_bucket"],
                             bytes=data["totals"]["bytes"], shards=data["totals"]["shards"],
                             shards_reused=self.shards_reused, elapsed_s=time.perf_counter() - start,
-                            rank=self.ranks.rank, world_size=self.ranks.world_size)
+                            rank=self.ranks.rank, world_size=self.ranks.world_size, kept_samples=self.kept_samples)
 
     def _lookup_threads(self) -> int:
         """Threads that look images up ahead of the planner: each lookup in object storage is a
@@ -430,6 +467,15 @@ class BuildJob:
                 samples=written.samples, bytes=written.bytes, sha256=written.sha256, skipped=shard_skips,
                 token_lengths={name: dict(sorted(c.items(), key=lambda kv: int(kv[0]))) for name, c in sorted(histogram.items())}))
         write_manifest(self.storage, self.manifest, self.ranks.manifest_name)
+
+
+def _option_value(value) -> str:
+    """An option as the user would write it: lists comma-joined, strings bare, None as 'unset'."""
+    if value is None:
+        return "unset"
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    return str(value)
 
 
 NON_FINITE_FEATURES = "non_finite_features"

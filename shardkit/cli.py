@@ -10,7 +10,8 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .config import COMPUTE_DTYPES, DEVICES, EMPTY_CAPTION_POLICIES, RESIZE_MODES, STORE_DTYPES, make_config, preset_names
+from .config import (COMPUTE_DTYPES, DEVICES, EMPTY_CAPTION_POLICIES, RESIZE_MODES, STORE_DTYPES, TINY_MODELS_HOME,
+                     make_config, preset_names)
 from .errors import ShardkitError
 
 
@@ -102,21 +103,34 @@ def build(source, output, preset, overwrite, resolution, storage_options, **opti
     records; see docs/scale-out.md.
     """
     from .build import BuildJob, total_records
-    from .distributed import discover_ranks, finish_ranks, joined_ranks, part_name
+    from .distributed import MergeSummary, discover_ranks, finish_ranks, joined_ranks, part_name
     from .report import format_build_summary, progress_bar
     from .storage import parse_storage_options
 
     fs_options = parse_storage_options(storage_options)
     config = make_config(preset, resolution=int(resolution) if resolution else None, **options)
     ranks = discover_ranks()
+    show_progress = config.progress and ranks.rank == 0  # one bar per launch, not one per rank
+    # Status lines fill the seconds before the bar, at a terminal (as the bar itself).
+    announce = functools.partial(click.echo, err=True) if show_progress and sys.stderr.isatty() else None
     with joined_ranks(ranks) as group:
-        job = BuildJob(source, output, config, overwrite=overwrite, storage_options=fs_options, ranks=ranks)
-        show_progress = config.progress and ranks.rank == 0  # one bar per launch, not one per rank
+        job = BuildJob(source, output, config, overwrite=overwrite, storage_options=fs_options, ranks=ranks,
+                       announce=announce)
+        if job.resume_note and ranks.rank == 0:
+            click.echo(job.resume_note, err=True)
         total = total_records(source, config, fs_options, ranks) if show_progress else None
         with progress_bar(show_progress, total) as advance:
             summary = job.run(advance)
         summary.merged = finish_ranks(job.storage, ranks, group)
     click.echo(format_build_summary(summary))
+    # An empty build is a mistake, not a result (judged on the whole launch, once rank 0 merged).
+    if isinstance(summary.merged, MergeSummary) and summary.merged.samples == 0:
+        raise ShardkitError(f"no sample was written: every record was skipped; see {job.storage.url}/failures.jsonl "
+                            f"for each record's reason")
+    if not ranks.distributed and summary.written == 0:
+        reasons = ", ".join(f"{reason} {count}" for reason, count in summary.skipped_by_reason.items())
+        raise ShardkitError(f"no sample was written: every record was skipped ({reasons}); see "
+                            f"{job.storage.url}/failures.jsonl for each record's detail")
     if ranks.distributed:
         if summary.merged is None:
             click.echo(f"{ranks.describe()}: {part_name(ranks.rank)} written; once every rank is done, run "
@@ -128,19 +142,20 @@ def build(source, output, preset, overwrite, resolution, storage_options, **opti
 
 
 @main.command("tiny-models")
-@click.argument("dest", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("dest", type=click.Path(file_okay=False, path_type=Path), required=False)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights.")
 @click.option("--force", is_flag=True, help="Rewrite DEST even if it already holds the tiny models.")
 @_user_errors
 def tiny_models(dest, seed, force):
     """Write tiny random encoders (VAE, T5, tokenizer) to DEST, for the offline demo and tests only.
 
-    They load through the same from_pretrained code path as the real SDXL VAE and T5 but produce
+    DEST defaults to ~/.cache/shardkit/tiny-models, where `--config tiny-offline` reads them. They load
+    through the same from_pretrained code path as the real SDXL VAE and T5 but produce
     meaningless features: never train on a build made with them.
     """
     from .tiny_models import write_tiny_models
 
-    path = write_tiny_models(dest, seed=seed, force=force)
+    path = write_tiny_models(dest or Path(TINY_MODELS_HOME).expanduser(), seed=seed, force=force)
     click.echo(f"tiny models in {path} (vae/, text_encoder/, tokenizer/): use --vae {path} --vae-subfolder vae --t5 {path}")
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import tomllib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -19,8 +18,19 @@ import numpy as np
 from .buckets import RESOLUTIONS
 from .errors import ConfigError
 
+try:
+    import tomllib
+except ImportError:  # Python 3.10: the same parser, published as tomli
+    import tomli as tomllib
+
 DEFAULT_VAE = "madebyollin/sdxl-vae-fp16-fix"
 DEFAULT_T5 = "PixArt-alpha/pixart_sigma_sdxlvae_T5_diffusers"
+# Where `shardkit tiny-models` writes by default and the tiny-offline preset reads: a fixed place,
+# so the preset works from any working directory.
+TINY_MODELS_HOME = "~/.cache/shardkit/tiny-models"
+# Options that name a file or folder: in a preset, "~" is expanded, and a path starting with
+# "./" or "../" is taken relative to the .toml file (hub ids like "org/name" are left alone).
+PATH_FIELDS = ("vae", "t5", "image_root", "staging_dir")
 # PIL's own decompression-bomb threshold; larger images are skipped, not decoded.
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
 
@@ -31,6 +41,9 @@ STORE_DTYPES = ("fp16", "fp32")
 # What each store dtype is on disk (the .npy dtype of latents and T5 features).
 STORE_NUMPY_DTYPES = {"fp16": np.dtype(np.float16), "fp32": np.dtype(np.float32)}
 EMPTY_CAPTION_POLICIES = ("skip", "encode")
+# PixArt-Σ's two captions. The first is required; a later field that is one of these is optional
+# and may be absent from a source, any other must be in it (a misspelt field is an error).
+DEFAULT_CAPTIONS = ("prompt", "sharegpt4v")
 
 
 @dataclass
@@ -39,7 +52,7 @@ class BuildConfig:
     resolution: int = 512
     max_ratio: float = 4.5
     resize_mode: str = "crop"
-    captions: tuple[str, ...] = ("prompt", "sharegpt4v")
+    captions: tuple[str, ...] = DEFAULT_CAPTIONS
     empty_caption: str = "skip"
     keep_images: bool = True
     store_dtype: str = "fp16"
@@ -134,11 +147,13 @@ def preset_names() -> list[str]:
 def read_preset(name_or_path: str) -> dict[str, Any]:
     """Options from a preset name (``configs/NAME.toml``) or a TOML file path."""
     path = Path(name_or_path)
+    base = None
     if path.suffix == ".toml" or path.exists():
         if not path.is_file():
             raise ConfigError(f"config file {name_or_path} does not exist; pass a preset name ({', '.join(preset_names())}) or a .toml path")
         text = path.read_text(encoding="utf-8")
         origin = str(path)
+        base = path.resolve().parent
     else:
         candidate = resources.files("shardkit.configs").joinpath(f"{name_or_path}.toml")
         if not candidate.is_file():
@@ -154,7 +169,18 @@ def read_preset(name_or_path: str) -> dict[str, Any]:
     unknown = sorted(set(data) - set(field_names()))
     if unknown:
         raise ConfigError(f"{origin} has unknown option(s) {', '.join(unknown)}; valid options: {', '.join(field_names())}")
-    return data
+    return {name: _preset_path(value, base) if name in PATH_FIELDS else value for name, value in data.items()}
+
+
+def _preset_path(value: Any, base: Path | None) -> Any:
+    """A preset's path as an absolute one, so that it means the same from any working directory."""
+    if not isinstance(value, str):
+        return value
+    if value.startswith("~"):
+        return str(Path(value).expanduser())
+    if base is not None and value.startswith(("./", "../")):
+        return str((base / value).resolve())
+    return value
 
 
 def make_config(preset: str | None = None, **overrides: Any) -> BuildConfig:

@@ -11,6 +11,9 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
+import urllib.error
+import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence, TypeVar
@@ -18,7 +21,7 @@ from typing import Callable, Iterable, Sequence, TypeVar
 import numpy as np
 import torch
 
-from .config import STORE_NUMPY_DTYPES, BuildConfig
+from .config import STORE_NUMPY_DTYPES, TINY_MODELS_HOME, BuildConfig
 from .errors import ShardkitError
 from .images import to_model_input
 
@@ -203,15 +206,74 @@ def _weights_fingerprint(folder: Path) -> str | None:
     return digest.hexdigest()
 
 
+def _looks_local(source: str) -> bool:
+    """A folder path rather than a Hugging Face id (org/name)."""
+    return source.startswith(("/", ".", "~")) or source.count("/") != 1 or Path(source).exists()
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
 def load_error(what: str, source: str, option: str, exc: Exception) -> ShardkitError:
-    looks_local = source.startswith(("/", ".", "~")) or source.count("/") != 1
-    if looks_local and not Path(source).expanduser().exists():
+    if _looks_local(source) and not Path(source).expanduser().exists():
+        hint = ("; `shardkit tiny-models` writes the tiny test encoders there"
+                if Path(source).expanduser() == Path(TINY_MODELS_HOME).expanduser() else "")
         return ShardkitError(f"cannot load the {what}: folder {source} does not exist; pass {option} an existing "
-                             f"folder or a Hugging Face id (org/name)")
-    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                             f"folder or a Hugging Face id (org/name){hint}")
     return ShardkitError(
-        f"cannot load the {what} from {source!r} ({first_line}); pass {option} a local folder "
+        f"cannot load the {what} from {source!r} ({_first_line(exc)}); pass {option} a local folder "
         f"(e.g. one written by `shardkit tiny-models`) or a Hugging Face id that is in your cache or reachable")
+
+
+# How long to wait for the hub to answer before calling it unreachable.
+_HUB_PROBE_TIMEOUT_S = 5.0
+_TRUE = ("1", "ON", "YES", "TRUE")
+
+
+def _hub_unreachable() -> str | None:
+    """Why the Hugging Face hub cannot be used now, or None when it answers.
+
+    One quick request instead of the hub client's retries, which take half a minute and print a
+    warning per attempt before an error that names a missing config.json rather than the network.
+    """
+    if any(os.environ.get(name, "").strip().upper() in _TRUE for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
+        return "the hub is switched off (HF_HUB_OFFLINE is set)"
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    try:
+        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=_HUB_PROBE_TIMEOUT_S).close()
+    except urllib.error.HTTPError:
+        return None  # it answered
+    except (OSError, ValueError) as exc:  # URLError, timeouts, refused connections, a malformed HF_ENDPOINT
+        return f"{endpoint} cannot be reached ({getattr(exc, 'reason', exc)})"
+    return None
+
+
+def check_hub_access(config: BuildConfig) -> bool:
+    """For encoders named by hub id: True when they must load from the local cache only (the hub is
+    offline or unreachable, and they are cached); raises, in one line, when they are not cached."""
+    wanted = []  # (what, hub id, option, a file that must be cached)
+    if not _looks_local(config.vae):
+        config_file = f"{config.vae_subfolder}/config.json" if config.vae_subfolder else "config.json"
+        wanted.append(("VAE", config.vae, "--vae DIR (with --vae-subfolder if it is in one)", config_file))
+    if not _looks_local(config.t5):
+        wanted.append(("T5", config.t5, "--t5 DIR (holding text_encoder/ and tokenizer/)", "text_encoder/config.json"))
+    if not wanted:
+        return False
+    reason = _hub_unreachable()
+    if reason is None:
+        return False
+    from huggingface_hub import try_to_load_from_cache
+
+    missing = [(what, repo, option) for what, repo, option, file in wanted
+               if not isinstance(try_to_load_from_cache(repo, file), str)]
+    if missing:
+        names = " and ".join(f"the {what} {repo!r}" for what, repo, _ in missing)
+        options = " and ".join(option for _, _, option in missing)
+        raise ShardkitError(f"cannot download {names}: {reason}, and the local Hugging Face cache does not hold "
+                            f"{'it' if len(missing) == 1 else 'them'}; pass {options} as local folders, or run "
+                            f"where the hub is reachable")
+    return True
 
 
 @contextlib.contextmanager
@@ -251,7 +313,7 @@ def _split_on_oom(encode: Callable[[Sequence[T]], list], items: Sequence[T]) -> 
 class VaeEncoder:
     """AutoencoderKL -> PixArt's stored feature: concat([posterior.mean, posterior.std]) on channels."""
 
-    def __init__(self, config: BuildConfig, device: torch.device):
+    def __init__(self, config: BuildConfig, device: torch.device, local_files_only: bool = False):
         from diffusers import AutoencoderKL
 
         self.device = device
@@ -261,11 +323,13 @@ class VaeEncoder:
             with quiet_hub_logging():
                 force_upcast = True
                 if vae_precision(config.dtype, device, True)[1] is not None:  # then the config decides
-                    vae_config = AutoencoderKL.load_config(config.vae, subfolder=config.vae_subfolder)
+                    vae_config = AutoencoderKL.load_config(config.vae, subfolder=config.vae_subfolder,
+                                                           local_files_only=local_files_only)
                     force_upcast = bool(vae_config.get("force_upcast", True))
                 self.weights_dtype, self.autocast_dtype = vae_precision(config.dtype, device, force_upcast)
                 self.model = AutoencoderKL.from_pretrained(config.vae, subfolder=config.vae_subfolder,
-                                                           torch_dtype=self.weights_dtype)
+                                                           torch_dtype=self.weights_dtype,
+                                                           local_files_only=local_files_only)
         except Exception as exc:  # hub, file and format errors all mean "this is not a usable VAE"
             raise load_error("VAE", config.vae, "--vae (and --vae-subfolder)", exc) from None
         self.model.to(device).eval().requires_grad_(False)
@@ -324,7 +388,7 @@ class T5Encoder:
     valid tokens do not depend on how much padding follows.
     """
 
-    def __init__(self, config: BuildConfig, device: torch.device):
+    def __init__(self, config: BuildConfig, device: torch.device, local_files_only: bool = False):
         from transformers import AutoTokenizer, T5EncoderModel
 
         self.device = device
@@ -332,12 +396,26 @@ class T5Encoder:
         self.store_dtype = STORE_NUMPY_DTYPES[config.store_dtype]
         self.max_length = config.max_length
         subfolders = _t5_subfolders(config.t5)
+        tokenizer_folder = _local_tokenizer_folder(config.t5, subfolders[0])
         try:
             with quiet_hub_logging():
-                self.tokenizer = AutoTokenizer.from_pretrained(config.t5, subfolder=subfolders[0])
-                self.model = T5EncoderModel.from_pretrained(config.t5, subfolder=subfolders[1], torch_dtype=self.dtype)
+                self.tokenizer = AutoTokenizer.from_pretrained(config.t5, subfolder=subfolders[0],
+                                                               local_files_only=local_files_only)
         except Exception as exc:
-            raise load_error("T5 encoder and tokenizer", config.t5, "--t5", exc) from None
+            if tokenizer_folder is None:
+                raise load_error("T5 tokenizer", config.t5, "--t5", exc) from None
+            raise ShardkitError(f"cannot load the T5 tokenizer from {tokenizer_folder}/ ({_first_line(exc)}); it must "
+                                f"hold a T5 tokenizer: tokenizer.json or spiece.model, with tokenizer_config.json") from None
+        if tokenizer_folder is not None and _knows_no_words(self.tokenizer):
+            # Without its vocabulary file, transformers builds a tokenizer of special tokens only.
+            raise ShardkitError(f"the T5 tokenizer in {tokenizer_folder}/ turns every word into the unknown token: "
+                                f"its vocabulary file is missing; it must hold tokenizer.json or spiece.model")
+        try:
+            with quiet_hub_logging():
+                self.model = T5EncoderModel.from_pretrained(config.t5, subfolder=subfolders[1], torch_dtype=self.dtype,
+                                                            local_files_only=local_files_only)
+        except Exception as exc:
+            raise load_error("T5 encoder", config.t5, "--t5", exc) from None
         self.model.to(device).eval().requires_grad_(False)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         model_config = self.model.config.to_dict()
@@ -421,6 +499,26 @@ def length_batches(lengths: Sequence[int], max_batch: int, call_cost: int = T5_C
     return batches
 
 
+def _knows_no_words(tokenizer) -> bool:
+    """True when ordinary words all become the unknown token (word-boundary markers aside)."""
+    ids = tokenizer("a photo of a cat", add_special_tokens=False)["input_ids"]
+    tokens = tokenizer.convert_ids_to_tokens(ids)
+    return all(token == tokenizer.unk_token or not token.strip("\u2581 ") for token in tokens)
+
+
+def _local_tokenizer_folder(source: str, subfolder: str | None) -> Path | None:
+    """The local folder the tokenizer must be in (None for a hub id); missing, it is named."""
+    local = Path(source).expanduser()
+    if not local.is_dir():
+        return None
+    folder = local / subfolder if subfolder else local
+    if not folder.is_dir():
+        raise ShardkitError(f"the T5 folder {local} has text_encoder/ but no {subfolder}/ folder beside it; put the "
+                            f"T5 tokenizer files (tokenizer.json or spiece.model, tokenizer_config.json) in "
+                            f"{folder}/")
+    return folder
+
+
 def _t5_subfolders(source: str) -> tuple[str | None, str | None]:
     """PixArt's diffusers layout keeps tokenizer/ and text_encoder/ side by side; a plain T5 folder has neither."""
     local = Path(source)
@@ -439,7 +537,9 @@ class Encoders:
 def load_encoders(config: BuildConfig, device: str | None = None) -> Encoders:
     """Both encoders on ``device`` (e.g. a rank's ``cuda:LOCAL_RANK``), else on the config's device."""
     device = torch.device(device) if device else resolve_device(config.device)
-    return Encoders(vae=VaeEncoder(config, device), t5=T5Encoder(config, device), device=device)
+    local_files_only = check_hub_access(config)
+    return Encoders(vae=VaeEncoder(config, device, local_files_only), t5=T5Encoder(config, device, local_files_only),
+                    device=device)
 
 
 def check_encoders_match(encoders: Encoders, config: BuildConfig) -> None:

@@ -301,7 +301,8 @@ def _extension(path: Path, pil_format: str | None) -> str:
 
 
 def to_model_input(pixels_uint8):
-    """uint8 [B, H, W, 3] tensor -> float [B, 3, H, W] in [-1, 1] (ToTensor then Normalize(0.5, 0.5))."""
+    """uint8 [B, H, W, 3] tensor -> float [B, 3, H, W] in [-1, 1] (ToTensor then Normalize(0.5, 0.5)),
+    still laid out channels-last in memory: the caller picks the layout its kernels want."""
     return pixels_uint8.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
 
 

@@ -55,6 +55,7 @@ NEGATIVE_STD = "negative_std"
 COUNT_MISMATCH = "count_mismatch"
 TOKEN_LENGTHS_MISMATCH = "token_lengths_mismatch"
 BUILD_INCOMPLETE = "build_incomplete"
+EMPTY_BUILD = "empty_build"
 # Warnings: worth knowing, no reason to distrust the set.
 PARTIAL_SHARD = "partial_shard"
 
@@ -221,10 +222,13 @@ def _summarize(shard_set: ShardSet) -> Summary:
     skipped_by_reason = raw.get("skipped_by_reason")
     if skipped_by_reason is None:
         skipped_by_reason = dict(Counter(s["reason"] for s in manifest.all_skips()))
+    skipped = int(records.get("skipped", sum(skipped_by_reason.values())))
+    read = int(records.get("read", manifest.records_read))
+    if manifest.status != "complete":  # the count of records read is written at the end: so far, those handled
+        read = int(totals["samples"]) + skipped
     return Summary(output=shard_set.url, status=manifest.status, shardkit_version=str(raw.get("shardkit_version", "?")),
                    resolution=manifest.resolution, samples=int(totals["samples"]), shards=int(totals["shards"]),
-                   bytes=int(totals["bytes"]), records_read=int(records.get("read", manifest.records_read)),
-                   records_skipped=int(records.get("skipped", sum(skipped_by_reason.values()))),
+                   bytes=int(totals["bytes"]), records_read=read, records_skipped=skipped,
                    buckets=buckets, token_lengths=[s for s in stats if s is not None], config=manifest.config,
                    encoders=manifest.encoders, skipped_by_reason=dict(skipped_by_reason))
 
@@ -600,6 +604,9 @@ class _Verifier:
                 self.warnings.append(Finding(BUILD_INCOMPLETE, None, None, message))
             else:
                 self.problem(BUILD_INCOMPLETE, None, None, message)
+        elif not manifest.shards:
+            self.problem(EMPTY_BUILD, None, None, f"the build holds no samples: every record was skipped (reasons in "
+                                                  f"{FAILURES_NAME}); fix the source or the options and rebuild")
         on_disk = self._list_shard_folder()
         entries = sorted(manifest.shards, key=lambda e: e.path)
         checks: list[ShardCheck] = []
@@ -869,7 +876,8 @@ def format_report(report: InspectReport) -> str:
     lines = [
         f"{s.output}: shardkit build, status {s.status} (written by shardkit {s.shardkit_version})",
         f"  {s.samples} samples in {s.shards} shards, {human_bytes(s.bytes)}, {len(s.buckets)} buckets; "
-        f"{s.records_read} records read, {s.records_skipped} skipped",
+        f"{s.records_read} records read, {s.records_skipped} skipped"
+        + ("" if s.status == "complete" else " so far (unfinished: rerun `shardkit build` to resume)"),
         f"  resolution {s.resolution}, resize {config.get('resize_mode')}, captions {', '.join(config.get('captions', []))}, "
         f"max_length {config.get('max_length')}, stored as {config.get('store_dtype')}, "
         f"images {'kept' if config.get('keep_images') else 'left out'}",

@@ -97,7 +97,8 @@ class Manifest:
             "resolution": self.resolution,
             "buckets": self.buckets,
             "records": {
-                "read": self.records_read,
+                # Counted at the end; until then, the records handled so far (written + skipped).
+                "read": self.records_read if self.status == "complete" else totals["samples"] + len(skips),
                 "written": totals["samples"],
                 "skipped": len(skips),
             },

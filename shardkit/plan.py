@@ -14,6 +14,7 @@ window ahead of the planner, since each lookup is a network round trip.
 from __future__ import annotations
 
 import concurrent.futures as futures
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
@@ -21,10 +22,11 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from .buckets import Bucket, BucketTable
-from .config import BuildConfig
+from .config import DEFAULT_CAPTIONS, BuildConfig
+from .errors import SourceError
 from .images import ImageHeader, ImageSkip, file_size, read_header
 from .lookahead import bounded_map
-from .sources import Record
+from .sources import IMAGE_EXTENSIONS, Record
 
 PATH_OUTSIDE_ROOT = "path_outside_root"
 DUPLICATE_PATH = "duplicate_path"
@@ -34,6 +36,8 @@ MISSING_CAPTION = "missing_caption"
 EMPTY_CAPTION = "empty_caption"
 INVALID_CAPTION = "invalid_caption"
 
+# Records read to check the caption fields against the source before any encoder loads.
+CAPTION_CHECK_RECORDS = 1000
 # Tar framing per member (header block + worst-case padding) and a generous JSON/text allowance,
 # so that the byte limit is an upper bound on the shard's real size.
 _TAR_MEMBER_OVERHEAD = 1024
@@ -243,6 +247,8 @@ class Planner:
         primary, *optional = self.config.captions
         chosen: dict[str, str] = {}
         if primary not in record.captions:
+            if record.caption_file is not None:
+                return MISSING_CAPTION, f"{record.caption_file} is missing (the image's same-stem caption file)"
             return MISSING_CAPTION, f"no {primary!r} caption"
         value = record.captions[primary]
         if not isinstance(value, str):
@@ -271,3 +277,38 @@ class Planner:
         for ids in token_ids.values():
             size += len(ids) * self.hidden_size * self.feature_itemsize + _NPY_HEADER + _TAR_MEMBER_OVERHEAD
         return size
+
+
+def check_caption_fields(records: Iterable[Record], captions: tuple[str, ...], source: str) -> None:
+    """Stop before any encoding when the caption fields cannot match the source.
+
+    The first field must be in some record; so must every other field that is not one of the
+    default optional ones (a misspelt ``sharegtp4v`` would otherwise be silently left out). A
+    large source is checked against its first ``CAPTION_CHECK_RECORDS`` records.
+    """
+    primary, *optional = captions
+    seen = list(itertools.islice(records, CAPTION_CHECK_RECORDS))
+    if not seen:
+        raise SourceError(f"{source} holds no records (a folder source needs images ending in "
+                          f"{', '.join(IMAGE_EXTENSIONS)}); check SOURCE")
+    where = (f"in {source}" if len(seen) < CAPTION_CHECK_RECORDS else
+             f"in the first {len(seen)} records of {source} (a large source is checked against its first records)")
+    folder_record = next((record for record in seen if record.caption_file is not None), None)
+    if folder_record is not None:
+        if not any(primary in record.captions for record in seen):
+            raise SourceError(f"no image {where} has a caption file: each image needs a same-stem .txt beside it "
+                              f"(e.g. {folder_record.caption_file} for {folder_record.path})")
+        named = [name for name in optional if name not in DEFAULT_CAPTIONS]
+        if named:
+            raise SourceError(f"a folder source has one caption per image (its .txt, read as {primary!r}); "
+                              f"drop {', '.join(map(repr, named))} from --captions")
+        return
+    fields = sorted({name for record in seen for name in record.captions})
+    found = f"fields there: {', '.join(fields)}" if fields else "no caption fields there at all"
+    if not any(primary in record.captions for record in seen):
+        raise SourceError(f"no record {where} has a {primary!r} caption field ({found}); "
+                          f"put the field holding the captions first in --captions")
+    for name in optional:
+        if name not in DEFAULT_CAPTIONS and not any(name in record.captions for record in seen):
+            raise SourceError(f"no record {where} has a {name!r} caption field ({found}); "
+                              f"fix its name in --captions or leave it out")

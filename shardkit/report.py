@@ -30,12 +30,15 @@ def progress_bar(enabled: bool, total: int | None) -> Iterator[Callable[[int], N
 
 
 def format_build_summary(summary: BuildSummary) -> str:
-    rate = summary.written / summary.elapsed_s if summary.elapsed_s > 0 else 0.0
+    # The rate counts only what this run encoded: kept shards cost it nothing.
+    rate = summary.written_this_run / summary.elapsed_s if summary.elapsed_s > 0 else 0.0
     lines = [
         f"built {summary.output}: {summary.written} written, {summary.skipped} skipped of {summary.records_read} records read",
-        f"  {summary.shards} shards ({summary.shards_reused} kept from an earlier run), {human_bytes(summary.bytes)}, "
-        f"{summary.elapsed_s:.1f}s ({rate:.1f} samples/s)",
+        f"  {summary.shards} shards, {human_bytes(summary.bytes)}; this run wrote {summary.written_this_run} samples "
+        f"in {summary.elapsed_s:.1f}s ({rate:.1f} samples/s)",
     ]
+    if summary.shards_reused:
+        lines.append(f"  kept from an earlier run: {summary.kept_samples} samples in {summary.shards_reused} planned shards")
     if summary.skipped_by_reason:
         reasons = ", ".join(f"{reason} {count}" for reason, count in summary.skipped_by_reason.items())
         lines.append(f"  skipped: {reasons} (see failures.jsonl)")

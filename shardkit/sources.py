@@ -47,6 +47,8 @@ class Record:
     extra: dict[str, Any] = field(default_factory=dict)
     # Set when an earlier record of the source (possibly on another rank) has the same path.
     repeats_earlier_path: bool = False
+    # Folder sources: the same-stem .txt the first caption field is read from (relative path).
+    caption_file: str | None = None
 
     @property
     def normalized_path(self) -> str:
@@ -134,6 +136,11 @@ def count_records(spec: SourceSpec) -> int | None:
     if spec.kind == "jsonl":
         with spec.metadata.open("rb") as fh:
             return sum(1 for line in fh if line.strip())
+    if spec.kind == "folder":  # a listing, no file is opened
+        if isinstance(spec.image_root, RemotePath):
+            return sum(1 for f in spec.image_root.find() if f.lower().endswith(IMAGE_EXTENSIONS))
+        return sum(1 for _, _, files in os.walk(spec.image_root) for name in files
+                   if name.lower().endswith(IMAGE_EXTENSIONS))
     return None
 
 
@@ -210,7 +217,8 @@ def _iter_folder(spec: SourceSpec, caption_field: str) -> Iterator[Record]:
                     captions[caption_field] = caption_file.read_text(encoding="utf-8").strip()
                 except UnicodeDecodeError:
                     captions[caption_field] = None  # recorded downstream as an invalid caption
-            yield Record(index=index, path=relative, image_root=root, captions=captions)
+            yield Record(index=index, path=relative, image_root=root, captions=captions,
+                         caption_file=caption_file.relative_to(root).as_posix())
             index += 1
 
 
@@ -240,4 +248,5 @@ def _iter_remote_folder(root: RemotePath, caption_field: str) -> Iterator[Record
                     captions[caption_field] = universal_newlines(texts[caption_path].decode("utf-8")).strip()
                 except UnicodeDecodeError:
                     captions[caption_field] = None  # recorded downstream as an invalid caption
-            yield Record(index=start + offset, path=relative, image_root=root, captions=captions)
+            yield Record(index=start + offset, path=relative, image_root=root, captions=captions,
+                         caption_file=caption_path)

@@ -76,7 +76,7 @@ def test_latents_equal_a_direct_vae_encode(toy_build, toy_dataset, tiny_models, 
 
     def direct_encode(pixels: list[np.ndarray]) -> np.ndarray:
         with torch.no_grad():
-            dist = vae.encode(to_model_input(torch.from_numpy(np.stack(pixels)))).latent_dist
+            dist = vae.encode(to_model_input(torch.from_numpy(np.stack(pixels))).contiguous()).latent_dist
         return torch.cat([dist.mean, dist.std], dim=1).numpy()
 
     with streams:

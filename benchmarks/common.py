@@ -98,8 +98,8 @@ def emit(result: dict) -> None:
 
 def task_env(**extra: str) -> dict[str, str]:
     """The environment of a task's interpreter: offline, with this folder first on the import
-    path and the caller's path after it (a machine where shardkit runs from PYTHONPATH, such as
-    a lent GPU machine with carried wheels, keeps finding it)."""
+    path and the caller's path after it (where shardkit runs from PYTHONPATH, with wheels
+    installed to a folder of their own, the tasks keep finding it)."""
     path = os.pathsep.join(p for p in (str(BENCH_DIR), os.environ.get("PYTHONPATH", "")) if p)
     return dict(os.environ, PYTHONPATH=path, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **extra)
 

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# The GPU checks of issue 7 as one prepared run on a lent GPU machine (the device tool), sized to
-# fit one call with time left to rerun it. Steps run in order of value and each only while the
-# budget lasts; what they print and write lands in $OUT as it goes, so a cut-short run still
-# brings back every step it finished.
+# The GPU checks in one time-budgeted script: the GPU tests, the full-size build / FLOP / GPU
+# benchmark sections, and the encoder-output cast on the GPU. Steps run in order of value, each
+# only while the budget lasts; what they print and write lands in $OUT as each step ends, so a
+# run cut short keeps every step it finished.
 #
-#   here:   bash benchmarks/device_wheels.sh       # the wheels the machine lacks, into .whl/
-#   device: run(command="bash benchmarks/device_check.sh", carry=[".whl"], timeout_s=480)
+#   bash benchmarks/device_check.sh
+#
+# Wheels in .whl/ (benchmarks/device_wheels.sh) are installed first, for a GPU machine that has
+# torch and transformers but no package index.
 #
 # Environment: BUDGET_S (seconds for the whole script, default 420), PYTHON (default python3),
 # OUT (default /tmp/device-check), N (samples per build, default 200), DEVICE (default cuda; cpu
@@ -42,7 +44,7 @@ step "GPU tests"
 timeout $(( $(left) < 150 ? $(left) : 150 )) "$PYTHON" -m pytest -q -p no:cacheprovider -o addopts="" \
     tests/test_gpu.py tests/test_encoder_output.py 2>&1 | tee "$OUT/tests.log"
 
-# 2. Issue 7's GPU targets: build vs encoders alone vs the per-file baseline, FLOP floor, GPU busy,
+# 2. Build vs encoders alone vs the per-file baseline, FLOP floor, GPU busy time,
 #    with the full-size SDXL VAE and T5-XXL at random initialisation (written once into $WORK).
 if [ "$(left)" -gt 120 ]; then
     step "full-size build benchmark"

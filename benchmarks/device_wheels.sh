@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Run here (not on the GPU machine), once per session that was lent one: fetches into .whl/ the
-# pure-Python wheels that the lent machine's image lacks (it has torch, transformers, tokenizers,
-# safetensors, numpy, pillow, click, tqdm, fsspec, pytest, and reaches no package index).
-# Then pass carry=[".whl"] to the device run of benchmarks/device_check.sh.
+# Downloads into .whl/ the pure-Python wheels that benchmarks/device_check.sh installs on a GPU
+# machine that has torch, transformers, tokenizers, safetensors, numpy, pillow, click, tqdm,
+# fsspec and pytest but reaches no package index. Run it where the index is reachable and copy
+# .whl/ along with the working tree.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rm -rf .whl && mkdir .whl

@@ -1,7 +1,7 @@
 """Every shardkit benchmark in one run, printed as Markdown tables (the ones in BENCHMARKS.md).
 
-    /tmp/venv/bin/python benchmarks/run_all.py                 # CPU, tiny encoders, N=200
-    /tmp/venv/bin/python benchmarks/run_all.py --n 500 --repeats 3
+    python benchmarks/run_all.py                 # CPU, tiny encoders, N=200
+    python benchmarks/run_all.py --n 500 --repeats 3
     python benchmarks/run_all.py --device cuda --full-size     # GPU: random-init SDXL VAE + T5-XXL
 
 What it measures, each in a fresh interpreter (benchmarks/tasks.py) on synthetic PixArt-layout
@@ -670,8 +670,8 @@ def section_flops(ctx: Context) -> None:
 
     padding_rows, padding = [], {}
     batch_sizes = sorted({args.batch_size, 16})  # the run's VAE batch and BuildConfig's default
-    # The counts do not depend on the device: a GPU run (short of time on a lent machine) counts
-    # only N and leaves the 10 N rows, and the 10 N dataset they need, to the CPU run.
+    # The counts do not depend on the device: a GPU run (often on a time budget) counts only N and
+    # leaves the 10 N rows, and the 10 N dataset they need, to the CPU run.
     counted = [(f"N={args.n}", ctx.main_ds)]
     if args.device == "cpu":
         counted.append((f"10 N={10 * args.n}", ctx.dataset(10 * args.n)))
@@ -785,7 +785,7 @@ def main() -> None:
     for name in SECTIONS:
         if name in chosen:
             globals()[f"section_{name}"](ctx)
-            # Written after every section: a run cut short (a lent GPU's time limit) keeps what it finished.
+            # Written after every section: a run cut short (a time budget) keeps what it finished.
             results["elapsed_s"] = time.perf_counter() - started
             target.write_text(json.dumps(results, indent=1, default=str) + "\n")
             target.with_suffix(".md").write_text("\n".join(ctx.report.sections))

@@ -271,8 +271,9 @@ def check_hub_access(config: BuildConfig) -> bool:
         names = " and ".join(f"the {what} {repo!r}" for what, repo, _ in missing)
         options = " and ".join(option for _, _, option in missing)
         raise ShardkitError(f"cannot download {names}: {reason}, and the local Hugging Face cache does not hold "
-                            f"{'it' if len(missing) == 1 else 'them'}; pass {options} as local folders, or run "
-                            f"where the hub is reachable")
+                            f"{'it' if len(missing) == 1 else 'them'}; pass {options} "
+                            f"{'as a local folder' if len(missing) == 1 else 'as local folders'}, or run where the "
+                            f"hub is reachable")
     return True
 
 

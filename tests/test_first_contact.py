@@ -93,6 +93,25 @@ def test_a_folder_image_without_its_txt_is_skipped_naming_the_txt(tmp_path, make
     assert failure["reason"] == "missing_caption" and "b.txt is missing" in failure["detail"]
 
 
+def test_a_failed_encoder_load_leaves_no_output_folder(toy_dataset, tiny_models, tmp_path):
+    output = tmp_path / "out"
+    line = _error_line(_cli("build", toy_dataset, output, "--vae", tmp_path / "no-vae", "--t5", tiny_models,
+                            "--device", "cpu"))
+    assert "cannot load the VAE" in line
+    assert not output.exists()
+
+
+def test_folder_and_jsonl_sources_give_the_progress_bar_its_total(tmp_path, make_config):
+    from shardkit.build import total_records
+
+    folder = _image_folder(tmp_path / "images", {"a.png": "a", "b.png": "b", "c.png": None})
+    (folder / "notes.md").write_text("not an image")
+    lines = tmp_path / "data.jsonl"
+    lines.write_text("".join(json.dumps({"path": f"{i}.jpg", "prompt": "x"}) + "\n" for i in range(5)))
+    assert total_records(str(folder), make_config()) == 3
+    assert total_records(str(lines), make_config()) == 5
+
+
 # ---- a build that writes nothing fails, and verify says so ---------------------------------
 
 def test_a_build_that_writes_nothing_exits_nonzero_and_verify_finds_it(tmp_path, tiny_models):

@@ -1,6 +1,6 @@
 """GPU code paths (channels-last NHWC input, pinned non-blocking copies, fp16 autocast, the cast
 to the store dtype on the device). They run only where torch sees a CUDA GPU: CI machines have
-none, a lent GPU machine runs them with ``benchmarks/device_check.sh``."""
+none; ``benchmarks/device_check.sh`` runs them on a GPU machine."""
 
 from __future__ import annotations
 

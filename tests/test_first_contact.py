@@ -16,12 +16,12 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-import shardkit.shards as shards_module
 from shardkit.build import BuildJob, build
 from shardkit.cli import main
 from shardkit.config import make_config, read_preset
 from shardkit.errors import ShardkitError
 from shardkit.inspect import format_report, inspect_output
+from test_resilience import interrupt_build
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -208,19 +208,7 @@ def test_changed_options_show_old_and_new_values(toy_build, toy_dataset, make_co
 @pytest.fixture
 def unfinished_build(toy_dataset, make_config, encoders, tmp_path, monkeypatch) -> Path:
     output = tmp_path / "unfinished"
-    original_add = shards_module.ShardWriter.add
-    calls = []
-
-    def interrupted_add(self, sample):
-        calls.append(sample.key)
-        if len(calls) == 10:
-            raise KeyboardInterrupt
-        return original_add(self, sample)
-
-    monkeypatch.setattr(shards_module.ShardWriter, "add", interrupted_add)
-    with pytest.raises(KeyboardInterrupt):
-        build(str(toy_dataset), output, make_config(), encoders=encoders)
-    monkeypatch.setattr(shards_module.ShardWriter, "add", original_add)
+    interrupt_build(toy_dataset, output, make_config(), encoders, monkeypatch)
     return output
 
 

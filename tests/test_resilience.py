@@ -94,22 +94,27 @@ def test_sigkill_then_resume_equals_an_uninterrupted_build(point, nth, toy_build
     assert report.exit_code == 0 and not report.verification.warnings
 
 
-def test_resume_keeps_completed_shards(toy_dataset, make_config, encoders, tmp_path, monkeypatch):
-    output = tmp_path / "out"
-    config = make_config()
+def interrupt_build(source, output, config, encoders, monkeypatch, at_sample: int = 10) -> None:
+    """A build stopped by Ctrl-C as it adds its ``at_sample``-th sample: OUTPUT is left resumable."""
     original_add = shards_module.ShardWriter.add
     calls = []
 
     def interrupted_add(self, sample):
         calls.append(sample.key)
-        if len(calls) == 10:
+        if len(calls) == at_sample:
             raise KeyboardInterrupt
         return original_add(self, sample)
 
     monkeypatch.setattr(shards_module.ShardWriter, "add", interrupted_add)
     with pytest.raises(KeyboardInterrupt):
-        build(str(toy_dataset), output, config, encoders=encoders)
+        build(str(source), output, config, encoders=encoders)
     monkeypatch.setattr(shards_module.ShardWriter, "add", original_add)
+
+
+def test_resume_keeps_completed_shards(toy_dataset, make_config, encoders, tmp_path, monkeypatch):
+    output = tmp_path / "out"
+    config = make_config()
+    interrupt_build(toy_dataset, output, config, encoders, monkeypatch)
     assert not list((output / "shards").glob(".partial-*")), "an interrupted shard must not stay behind"
     done = read_manifest(output)
     assert done.status == "in_progress" and done.shards

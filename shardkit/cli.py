@@ -149,9 +149,9 @@ def build(source, output, preset, overwrite, resolution, storage_options, **opti
 def tiny_models(dest, seed, force):
     """Write tiny random encoders (VAE, T5, tokenizer) to DEST, for the offline demo and tests only.
 
-    DEST defaults to ~/.cache/shardkit/tiny-models, where `--config tiny-offline` reads them. They load
-    through the same from_pretrained code path as the real SDXL VAE and T5 but produce
-    meaningless features: never train on a build made with them.
+    DEST defaults to ~/.cache/shardkit/tiny-models, where `--config tiny-offline` reads them.
+    They load through the same from_pretrained code path as the real SDXL VAE and T5 but
+    produce meaningless features: never train on a build made with them.
     """
     from .tiny_models import write_tiny_models
 

@@ -360,7 +360,8 @@ def task_widen(args: dict) -> dict:
 
     import numpy as np
 
-    from shardkit.shards import Sample, ShardWriter, npy_bytes
+    from shardkit.format import npy_bytes
+    from shardkit.shards import Sample, ShardWriter
 
     hidden = args["hidden"]
     rng = np.random.default_rng(0)
@@ -490,7 +491,8 @@ def task_serialise(args: dict) -> dict:
 
     import numpy as np
 
-    from shardkit.shards import Sample, ShardWriter, npy_bytes
+    from shardkit.format import npy_bytes
+    from shardkit.shards import Sample, ShardWriter
 
     rng = np.random.default_rng(0)
     hidden, latent_hw = args["hidden"], args["latent_hw"]

@@ -34,8 +34,9 @@ from .hostmem import after_encoder_batch
 from .images import DecodeJob, DecodeResult, SourceUnavailable, run_decode_job
 from .lookahead import bounded_map
 from .manifest import MANIFEST_NAME, Manifest, ShardEntry, read_manifest_at, write_failures, write_manifest
+from .format import declare_from_config, json_bytes, npy_bytes
 from .plan import PlannedRecord, Planner, ShardPlan, Skip, check_caption_fields
-from .shards import Sample, ShardWriter, WrittenShard, json_bytes, npy_bytes, remove_partial_shards
+from .shards import Sample, ShardWriter, WrittenShard, remove_partial_shards
 from .sources import count_records, iter_records, resolve_source
 from .storage import RemotePath, Storage, is_url, storage_options_for
 
@@ -207,8 +208,9 @@ class BuildJob:
 
     def _open_manifest(self, previous: Manifest | None) -> Manifest:
         encoders = {"vae": self.encoders.vae.identity.as_json(), "t5": self.encoders.t5.identity.as_json()}
-        fresh = Manifest(config=self.config.to_json(), encoders=encoders, resolution=self.config.resolution,
-                         buckets=self.table.as_json(),
+        config = self.config.to_json()
+        fresh = Manifest(config=config, encoders=encoders, resolution=self.config.resolution,
+                         buckets=self.table.as_json(), sample_format=declare_from_config(config, encoders).as_json(),
                          distributed={"rank": self.ranks.rank, "world_size": self.ranks.world_size}
                          if self.ranks.distributed else None)
         if previous is None:

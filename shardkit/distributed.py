@@ -248,6 +248,7 @@ def merge_parts(storage: Storage) -> MergeSummary:
                 raise ShardkitError(f"{entry.path} listed by rank {rank} is missing or has the wrong size: rerun the "
                                     f"build with WORLD_SIZE={world_size} to rebuild it, then merge")
     merged = Manifest(config=first.config, encoders=first.encoders, resolution=first.resolution, buckets=first.buckets,
+                      sample_format=first.sample_format,
                       shards=shards, empty_plans=[p for part in manifests for p in part.empty_plans],
                       status="complete", records_read=sum(p.records_read for p in manifests),
                       plan_skipped=sorted((s for p in manifests for s in p.plan_skipped),

@@ -11,3 +11,21 @@ class SourceError(ShardkitError):
 
 class ConfigError(ShardkitError):
     """A build option or preset is invalid."""
+
+
+class ShardReadError(ShardkitError):
+    """A shard could not be read or decoded and the policy is ``on_error="raise"``."""
+
+
+class ShardFormatError(Exception):
+    """A shard's content breaks the shard format (malformed tar header, missing member, bad array,
+    split sample, a member larger than the format allows). Never retried."""
+
+
+class ShardTruncatedError(EOFError):
+    """A tar ends inside a member or before its end-of-archive blocks (cut short). An EOFError:
+    for a remote shard it may be a dropped connection, so it is retried."""
+
+
+class ShardIntegrityError(Exception):
+    """A downloaded shard does not match the sha256 its manifest records."""

@@ -15,7 +15,10 @@ prompt, sharegpt4v when present). Beside it:
 - ``DEST/InternImgs/<path>``: the original image bytes, when the build kept them.
 
 NAME is what PixArt's multi-scale loader derives from the path (``pixart_feature_name``).
-Paths come from shard metadata and are checked: nothing is written outside DEST.
+Every shard is checked as ``inspect --verify`` checks it (checksum, size, sample count, tar
+headers, members, array headers and shapes, metadata and paths) on the same single pass that
+exports it; a shard verify would flag stops the export with one line, before data_info.json is
+written. Nothing is written outside DEST. numpy only: exporting needs no torch.
 """
 
 from __future__ import annotations
@@ -28,10 +31,12 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .errors import ShardkitError
-from .reader import (ShardStore, TarSample, caption_mask, pad_caption_feature, read_npy, resolve_build,
+from .errors import ShardFormatError, ShardkitError
+from .format import (LATENT, METADATA, caption_member, caption_mask, pad_caption_feature, parse_metadata, read_npy,
                      safe_relative_path)
+from .manifest import MANIFEST_NAME, open_shard_set
 from .storage import atomic_write_bytes
+from .verify import Finding, check_shard
 
 # What PixArt-Σ's loader replaces, in its order (InternalData.py, replace_img_ext); other
 # extensions, e.g. ".PNG" or ".tif", stay in the name.
@@ -96,13 +101,12 @@ class PixArtExport:
                  storage_options: dict[str, Any] | None = None):
         if isinstance(source, (list, tuple)) or str(source).endswith(".tar") or "{" in str(source):
             raise ShardkitError("export needs the build's manifest: pass the OUTPUT folder or its manifest.json")
-        self.store = ShardStore(storage_options=storage_options, on_error="raise")
-        self.build = resolve_build(source, self.store)
-        manifest = self.build.manifest
+        self.shard_set = open_shard_set(str(source), storage_options)
+        manifest = self.shard_set.manifest
         if manifest.status != "complete":
-            raise ShardkitError(f"the build at {self.build.location} is not complete (status {manifest.status}); "
-                                f"finish it with `shardkit build` before exporting")
-        self.fields = list(manifest.config.get("captions") or ["prompt"])[:2]
+            raise ShardkitError(f"the build at {self.shard_set.url_of(MANIFEST_NAME)} is not complete (status "
+                                f"{manifest.status}); finish it with `shardkit build` before exporting")
+        self.fields = list(manifest.declaration().captions)[:2]
         self.max_length = max_length or manifest.config.get("max_length")
         if not self.max_length or self.max_length < 1:
             raise ShardkitError("pass --max-length: the build's manifest records no T5 max_length")
@@ -117,18 +121,23 @@ class PixArtExport:
 
     @property
     def total_samples(self) -> int:
-        return sum(shard.samples for shard in self.build.shards)
+        return sum(entry.samples for entry in self.shard_set.manifest.shards)
 
     def run(self, progress: Callable[[int], None] | None = None) -> ExportSummary:
         summary = ExportSummary(dest=self.dest)
         entries: list[tuple[int, dict[str, Any]]] = []
         names: dict[str, str] = {}  # feature name -> the image path it came from
-        for shard in self.build.shards:
-            for raw in self.store.samples(shard, 0, shard.samples):
-                entries.append(self._export_sample(raw, names, summary))
+        for shard in sorted(self.shard_set.manifest.shards, key=lambda e: e.path):
+            check = check_shard(self.shard_set, shard)
+            for sample in check.samples():
+                if check.findings:
+                    _refuse(check.findings[0])
+                entries.append(self._export_sample(sample.key, sample.members, names, summary))
                 summary.samples += 1
                 if progress is not None:
                     progress(1)
+            if check.findings:
+                _refuse(check.findings[0])
         # data_info.json last: its presence means every file it lists is written.
         self.data_root.mkdir(parents=True, exist_ok=True)
         payload = json.dumps([entry for _, entry in sorted(entries, key=lambda e: e[0])], indent=2, ensure_ascii=False)
@@ -136,16 +145,17 @@ class PixArtExport:
         atomic_write_bytes(summary.data_info, (payload + "\n").encode("utf-8"))
         return summary
 
-    def _export_sample(self, raw: TarSample, names: dict[str, str], summary: ExportSummary) -> tuple[int, dict[str, Any]]:
+    def _export_sample(self, key: str, members: dict[str, bytes], names: dict[str, str],
+                       summary: ExportSummary) -> tuple[int, dict[str, Any]]:
         try:
-            meta = json.loads(raw.members["json"].decode("utf-8"))
+            meta = parse_metadata(members.get(METADATA), key)
             path = meta["path"]
             height, width = (int(v) for v in meta["original_hw"])
             captions = meta["captions"]
             order = int(meta.get("source_index", 0))
-        except (KeyError, TypeError, ValueError, UnicodeDecodeError) as exc:
-            raise ShardkitError(f"sample {raw.key!r} has unusable metadata ({exc}); rebuild its shard") from None
-        safe_relative_path(path, f"image path of sample {raw.key}")
+        except (KeyError, TypeError, ValueError, ShardFormatError) as exc:
+            raise ShardkitError(f"sample {key!r} has unusable metadata ({exc}); rebuild its shard") from None
+        safe_relative_path(path, f"image path of sample {key}")
         npy_name = pixart_feature_name(path, ".npy")
         if npy_name in names:
             raise ShardkitError(f"images {names[npy_name]!r} and {path!r} map to the same PixArt feature file "
@@ -153,19 +163,17 @@ class PixArtExport:
                                 f"{'/'.join(PIXART_IMAGE_EXTENSIONS)}); rename one of them and rebuild")
         names[npy_name] = path
 
-        if "latent.npy" not in raw.members:
-            raise ShardkitError(f"sample {raw.key!r} has no latent.npy member; rebuild its shard")
-        moments = read_npy(raw.members["latent.npy"], f"{raw.key}.latent.npy")
+        moments = read_npy(members[LATENT], f"{key}.{LATENT}")  # verified: present and well-formed
         _write_file(_inside(self.latent_root, npy_name, "feature file"),
                     lambda fh: np.save(fh, moments, allow_pickle=False))
         summary.latents += 1
 
         npz_name = pixart_feature_name(path, ".npz")
         for name, root in self.caption_roots.items():
-            member = f"t5_{name}.npy"
-            if member not in raw.members:
+            member = caption_member(name)
+            if member not in members:
                 continue
-            feature = read_npy(raw.members[member], f"{raw.key}.{member}")
+            feature = read_npy(members[member], f"{key}.{member}")
             padded = pad_caption_feature(feature, self.max_length)[None].astype(np.float16)
             mask = caption_mask(feature.shape[0], self.max_length, np.int16)[None]
             _write_file(_inside(root, npz_name, "feature file"),
@@ -173,8 +181,8 @@ class PixArtExport:
             summary.caption_features[root.name] += 1
 
         extension = meta.get("image_ext")
-        if self.images and extension and extension in raw.members:
-            payload = raw.members[extension]
+        if self.images and extension and extension in members:
+            payload = members[extension]
             _write_file(_inside(self.image_root, path, "image path"), lambda fh: fh.write(payload))
             summary.images += 1
 
@@ -183,6 +191,12 @@ class PixArtExport:
         if len(self.fields) > 1 and self.fields[1] in captions:
             entry["sharegpt4v"] = captions[self.fields[1]]
         return order, entry
+
+
+def _refuse(finding: Finding) -> None:
+    where = " ".join(part for part in (finding.shard, finding.key) if part)
+    raise ShardkitError(f"refusing to export: {where} fails verification ({finding.kind}: {finding.message}); "
+                        f"`shardkit inspect OUTPUT --verify` lists every problem; rebuild the build or that shard")
 
 
 def export_pixart(source: str | os.PathLike, dest: str | os.PathLike, *, max_length: int | None = None,

@@ -13,11 +13,13 @@ import json
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Iterator
 
 from . import __version__
 from .errors import ShardkitError
+from .format import SampleFormat, declare_from_config, member_bounds
 from .storage import LocalStorage, Storage, atomic_write_bytes
+from .tario import TarSample, iter_tar_samples
 
 MANIFEST_NAME = "manifest.json"
 FAILURES_NAME = "failures.jsonl"
@@ -55,6 +57,15 @@ class Manifest:
     plan_skipped: list[dict] = field(default_factory=list)
     # Builds split across ranks: {"rank", "world_size"} in a rank's part, {"world_size", "parts"} once merged.
     distributed: dict[str, Any] | None = None
+    # The declaration of the samples (format.SampleFormat.as_json()); None in manifests written before it.
+    sample_format: dict[str, Any] | None = None
+
+    def declaration(self) -> SampleFormat:
+        """What every sample of the build holds: as declared, or derived from the config and
+        encoders for a manifest written before declarations (the format they were written in)."""
+        if self.sample_format is not None:
+            return SampleFormat.from_json(self.sample_format)
+        return declare_from_config(self.config, self.encoders)
 
     # ---- derived views -------------------------------------------------------------------
     def all_skips(self) -> list[dict]:
@@ -96,6 +107,7 @@ class Manifest:
             "encoders": self.encoders,
             "resolution": self.resolution,
             "buckets": self.buckets,
+            **({"sample_format": self.sample_format} if self.sample_format is not None else {}),
             "records": {
                 # Counted at the end; until then, the records handled so far (written + skipped).
                 "read": self.records_read if self.status == "complete" else totals["samples"] + len(skips),
@@ -121,7 +133,7 @@ class Manifest:
                    buckets=data["buckets"], shards=[ShardEntry.from_json(s) for s in data["shards"]],
                    empty_plans=list(data.get("empty_plans", [])), status=data["status"],
                    records_read=data["records"]["read"], plan_skipped=list(data.get("plan_skipped", [])),
-                   distributed=data.get("distributed"))
+                   distributed=data.get("distributed"), sample_format=data.get("sample_format"))
 
 
 def _write_whole(output: Path | Storage, name: str, payload: bytes) -> None:
@@ -178,3 +190,49 @@ def read_manifest_at(storage: Storage, name: str = MANIFEST_NAME) -> Manifest:
     except FileNotFoundError:
         raise ShardkitError(f"no {name} in {storage.url}; is it the OUTPUT folder of a `shardkit build`?") from None
     return parse_manifest(payload, storage.url_of(name))[0]
+
+
+# ---- a build opened for reading ----------------------------------------------------------
+
+@dataclass
+class ShardSet:
+    """An OUTPUT folder (local path or URL) and its manifest, read through the storage layer."""
+
+    url: str  # OUTPUT as given, without a trailing slash
+    storage: Storage
+    manifest: Manifest
+    raw: dict[str, Any]  # manifest.json as stored: its totals are checked against the shards
+
+    def url_of(self, relative: str) -> str:
+        return f"{self.url}/{relative}"
+
+    def open(self, relative: str) -> BinaryIO:
+        return self.storage.open(relative)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.manifest.config
+
+    def samples(self, entry: ShardEntry) -> Iterator[TarSample]:
+        """A shard's samples, streamed (stop early to read only the first few), every member's
+        size bounded by the build's declared format."""
+        bounds = member_bounds(self.manifest.declaration(), entry.bucket_hw)
+        with self.open(entry.path) as fh:
+            yield from iter_tar_samples(fh, max_bytes=bounds)
+
+
+def open_shard_set(output: str, storage_options: dict[str, Any] | None = None) -> ShardSet:
+    """Read OUTPUT/manifest.json (OUTPUT is a path or an fsspec URL such as s3://bucket/prefix;
+    ``storage_options`` go to fsspec, e.g. the endpoint of an S3-compatible store)."""
+    url = str(output).rstrip("/") or str(output)
+    if url.endswith("/" + MANIFEST_NAME):
+        url = url[: -len(MANIFEST_NAME) - 1]
+    storage = Storage.for_url(url, storage_options)
+    try:
+        payload = storage.read_bytes(MANIFEST_NAME)
+    except (FileNotFoundError, NotADirectoryError):
+        raise ShardkitError(f"no {MANIFEST_NAME} in {output}; is it the OUTPUT folder of a `shardkit build`?") from None
+    except OSError as exc:
+        raise ShardkitError(f"cannot read {url}/{MANIFEST_NAME}: {exc}") from None
+    manifest, raw = parse_manifest(payload, f"{url}/{MANIFEST_NAME}")
+    return ShardSet(url=url, storage=storage, manifest=manifest, raw=raw)

@@ -10,10 +10,8 @@ latents' first channels drawn as colours, which the header says.
 from __future__ import annotations
 
 import io
-import json
 import logging
 import math
-import tarfile
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,10 +19,12 @@ import fsspec
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from .errors import ShardkitError
+from .errors import ShardFormatError, ShardkitError
+from .format import LATENT, METADATA, TEXT, parse_metadata, read_npy
 from .images import to_rgb
-from .inspect import ShardSet, iter_samples, summarize, token_length_stats
+from .manifest import ShardSet
 from .report import human_bytes
+from .summary import summarize, token_length_stats
 
 log = logging.getLogger(__name__)
 
@@ -201,34 +201,33 @@ def _first_samples(shard_set: ShardSet, bucket: str, count: int) -> list[tuple[s
     found: list[tuple[str, dict[str, bytes]]] = []
     for entry in sorted((e for e in shard_set.manifest.shards if e.bucket == bucket), key=lambda e: e.path):
         try:
-            for key, members in iter_samples(shard_set, entry):
-                found.append((key, members))
+            for sample in shard_set.samples(entry):
+                found.append((sample.key, sample.members))
                 if len(found) >= count:
                     return found
-        except (OSError, tarfile.TarError) as exc:  # a broken shard leaves gaps; --verify names it
+        except (OSError, EOFError, ShardFormatError) as exc:  # a broken shard leaves gaps; --verify names it
             log.warning("cannot read %s for the preview (%s); its samples are left out", entry.path, exc)
     return found
 
 
-def _metadata(members: dict[str, bytes]) -> dict:
+def _metadata(key: str, members: dict[str, bytes]) -> dict:
     try:
-        meta = json.loads(members.get("json", b"{}").decode("utf-8"))
-        return meta if isinstance(meta, dict) else {}
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        return parse_metadata(members.get(METADATA, b"{}"), key)
+    except ShardFormatError:
         return {}
 
 
 def _caption(members: dict[str, bytes], meta: dict, primary: str) -> str:
     caption = (meta.get("captions") or {}).get(primary) if isinstance(meta.get("captions"), dict) else None
     if caption is None:
-        caption = members.get("txt", b"").decode("utf-8", errors="replace")
+        caption = bytes(members.get(TEXT, b"")).decode("utf-8", errors="replace")
     return caption
 
 
-def _load_latent(members: dict[str, bytes]) -> np.ndarray | None:
+def _load_latent(key: str, members: dict[str, bytes]) -> np.ndarray | None:
     try:
-        latent = np.load(io.BytesIO(members["latent.npy"]), allow_pickle=False)
-    except (KeyError, ValueError, OSError, EOFError):
+        latent = read_npy(members[LATENT], f"{key}.{LATENT}")
+    except (KeyError, ShardFormatError):
         return None
     return latent if latent.ndim == 3 else None
 
@@ -312,12 +311,12 @@ def _thumbnails(shard_set: ShardSet, bucket: str, bucket_hw: list[int], count: i
     thumbs: list[Thumbnail] = []
     latents: list[tuple[int, np.ndarray]] = []
     for key, members in samples:
-        meta = _metadata(members)
+        meta = _metadata(key, members)
         picture = None
         if source == STORED_IMAGES:
             picture = _stored_picture(members, meta, bucket_hw)
         else:
-            latent = _load_latent(members)
+            latent = _load_latent(key, members)
             if latent is not None and source == LATENT_CHANNELS:
                 picture = _latent_picture(latent, channels)
             elif latent is not None:

@@ -11,31 +11,16 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
-import re
-import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-
+from .format import KEY_PATTERN, SUFFIX_PATTERN
 from .storage import LocalStorage, Storage
+from .tario import UstarWriter
 
-KEY_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")
-_SUFFIX_PATTERN = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")
 TEMP_PREFIX = ".partial-"
-
-
-def npy_bytes(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
-    return buffer.getvalue()
-
-
-def json_bytes(data: dict) -> bytes:
-    return json.dumps(data, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
 @dataclass
@@ -49,7 +34,7 @@ class Sample:
         if not KEY_PATTERN.match(self.key):
             raise ValueError(f"invalid sample key {self.key!r}")
         for suffix, _ in self.members:
-            if not _SUFFIX_PATTERN.match(suffix):
+            if not SUFFIX_PATTERN.match(suffix):
                 raise ValueError(f"invalid member suffix {suffix!r} for key {self.key}")
 
 
@@ -81,43 +66,6 @@ class _HashingFile(io.RawIOBase):
         return len(view)
 
 
-class _TarStream:
-    """Writes USTAR members straight to ``out``: the bytes of tarfile's ``w|`` stream, at less cost.
-
-    tarfile copies each payload through its stream buffer in 10 KiB slices; here a member is its
-    header, the payload as given and the zero padding to the next 512-byte block. ``close()`` ends
-    the archive as tarfile does: two zero blocks, then zeros up to a whole 10 KiB record.
-    """
-
-    def __init__(self, out):
-        self._out = out
-        self._offset = 0
-        self._closed = False
-
-    def add(self, name: str, payload: bytes) -> None:
-        info = tarfile.TarInfo(name)
-        info.size = len(payload)
-        info.mtime = 0
-        info.mode = 0o644
-        info.uid = info.gid = 0
-        info.uname = info.gname = ""
-        header = info.tobuf(tarfile.USTAR_FORMAT, tarfile.ENCODING, "surrogateescape")
-        padding = -len(payload) % tarfile.BLOCKSIZE
-        self._out.write(header)
-        self._out.write(payload)
-        if padding:
-            self._out.write(bytes(padding))
-        self._offset += len(header) + len(payload) + padding
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        end = 2 * tarfile.BLOCKSIZE
-        end += -(self._offset + end) % tarfile.RECORDSIZE
-        self._out.write(bytes(end))
-
-
 class ShardWriter:
     """Writes one shard. Use as a context manager; ``commit()`` makes it visible under its final name.
 
@@ -134,7 +82,7 @@ class ShardWriter:
         self.temp_path = self.final_path.with_name(TEMP_PREFIX + self.final_path.name)
         self._fh = open(self.temp_path, "wb")
         self._hashing = _HashingFile(self._fh)
-        self._tar = _TarStream(self._hashing)
+        self._tar = UstarWriter(self._hashing)
         self._keys: list[str] = []
         self._committed = False
 

@@ -130,7 +130,7 @@ def test_nested_and_unreplaced_names_are_written_where_pixart_looks(tmp_path):
         assert data["caption_feature"].shape == (1, 2, 4) and data["attention_mask"].tolist() == [[1, 1]]
 
 
-@pytest.mark.parametrize("bad_path", ["../evil.png", "/tmp/absolute.png", "ok/../../evil.png"])
+@pytest.mark.parametrize("bad_path", ["../evil.png", "/tmp/absolute.png", "ok/../../evil.png", "ok\\..\\evil.png", "C:evil.png"])
 def test_paths_that_leave_dest_are_refused(tmp_path, bad_path):
     build = tmp_path / "build"
     write_synthetic_build(build, {"1.0": [1]}, path_of=lambda i: bad_path, image=True)

@@ -16,10 +16,10 @@ from click.testing import CliRunner
 from PIL import Image
 
 from shardkit.cli import main
-from shardkit.inspect import token_length_stats
+from shardkit.summary import token_length_stats
 from shardkit.manifest import Manifest, ShardEntry, write_manifest
 from shardkit.preview import BAR_COLOUR, CARD_H, FIELD_COLOURS, GAP, axis_top, preview_layout
-from shardkit.shards import npy_bytes
+from shardkit.format import npy_bytes
 
 # The toy build's bucket with three samples, the one most corruptions are made in.
 SHARD = "shards/288x224-00000.tar"
@@ -180,7 +180,7 @@ def test_summary_without_verify_reads_only_the_manifest(copy):
 
 
 def test_verification_streams_each_shard_once(toy_build, monkeypatch):
-    from shardkit.inspect import ShardSet
+    from shardkit.manifest import ShardSet
 
     opened: list[str] = []
     real_open = ShardSet.open
@@ -473,19 +473,20 @@ def test_report_does_not_depend_on_how_many_shards_are_verified_at_once(copy):
 def test_shards_are_verified_on_several_threads(toy_build, monkeypatch):
     import threading
 
-    from shardkit import inspect as inspect_module
+    from shardkit.manifest import ShardSet
 
-    both_running = threading.Barrier(2, timeout=20)  # breaks unless two shards are verified at once
-    original = inspect_module._Verifier._verify_shard
+    both_running = threading.Barrier(2, timeout=20)  # breaks unless two shards are read at once
+    original = ShardSet.open
     started = []
 
-    def verify_shard(self, entry, on_bytes):
-        started.append(entry.path)
-        if len(started) <= 2:
-            both_running.wait()
-        return original(self, entry, on_bytes)
+    def open_shard(self, relative):
+        if relative.startswith("shards/"):
+            started.append(relative)
+            if len(started) <= 2:
+                both_running.wait()
+        return original(self, relative)
 
-    monkeypatch.setattr(inspect_module._Verifier, "_verify_shard", verify_shard)
+    monkeypatch.setattr(ShardSet, "open", open_shard)
     result = inspect(str(toy_build), "--verify", "--json", "--jobs", "2")
     assert result.exit_code == 0 and json.loads(result.stdout)["verification"]["shards_checked"] == 13
 

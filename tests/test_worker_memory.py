@@ -111,7 +111,7 @@ def test_dataloader_workers_reuse_blocks_and_never_overwrite_a_held_batch(tmp_pa
 
     monkeypatch.setattr(os, "memfd_create", counting_memfd_create)
     dataset = ShardReader(tmp_path, batch_size=2, layout="dict", latent="mean", caption_fields=["prompt"], seed=3)
-    dataset._buffers = BatchBuffers(pool_min_bytes=0)  # pool even these small tensors (latent, features)
+    dataset.collate.buffers = BatchBuffers(pool_min_bytes=0)  # pool even these small tensors (latent, features)
     pooled_tensors = 2 * len(dataset)
 
     def loader():

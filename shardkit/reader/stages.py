@@ -1,0 +1,129 @@
+"""Sample stages, each usable alone: decode (tar sample -> ``DecodedSample``), shuffle (a buffer),
+batch (one bucket per batch). numpy only; the collate turns a batch into tensors.
+
+    decoder = SampleDecoder(("prompt", "sharegpt4v"), real_prompt_ratio=0.5, seed=0)
+    samples = (decoder.decode(raw, bucket, epoch) for raw in store.samples(shard, want=decoder.wanted(epoch)))
+    for batch in full_batches(shuffled(samples, 128, random.Random(0)), 32, defaultdict(list)):
+        ...
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from ..errors import ShardFormatError
+from ..format import LATENT, METADATA, SampleFormat, caption_member, check_metadata, parse_metadata, read_npy
+from ..tario import TarSample
+from .epoch import derive_seed
+
+
+@dataclass
+class DecodedSample:
+    key: str
+    bucket: str
+    original_hw: tuple[int, int]
+    moments: np.ndarray  # [2C, h, w]: the posterior mean and std, as stored
+    caption_field: str
+    prompt: str
+    caption_feature: np.ndarray  # [L, D]: the valid tokens only
+
+
+def choose_caption_field(fields: Sequence[str], available: Iterable[str], real_prompt_ratio: float, draw: float) -> str:
+    """PixArt-Σ's rule: the first field with probability ``real_prompt_ratio``, else the second
+    where the sample has it; the first field otherwise."""
+    if len(fields) > 1 and draw >= real_prompt_ratio and fields[1] in set(available):
+        return fields[1]
+    return fields[0]
+
+
+@dataclass
+class SampleDecoder:
+    """Tar samples -> ``DecodedSample``: metadata checked, the latent and the chosen caption
+    field's T5 rows loaded (views of the payloads, no copy), their shapes checked against the
+    metadata. The caption field is drawn per (seed, epoch, key)."""
+
+    caption_fields: tuple[str, ...]
+    real_prompt_ratio: float = 1.0
+    seed: int = 0
+    sample_format: SampleFormat | None = None
+
+    def caption_draw(self, key: str, epoch: int) -> float:
+        """The sample's draw for ``choose_caption_field``; with one field, or a ratio of 0 or 1,
+        the draw cannot change the choice and 0.0 stands for it."""
+        if len(self.caption_fields) < 2 or not 0.0 < self.real_prompt_ratio < 1.0:
+            return 0.0
+        # The hash's top 53 bits as a float in [0, 1): as uniform as Random(seed).random(), and
+        # 10x cheaper than seeding a generator (the draw is taken for the filter and for decode).
+        return (derive_seed(self.seed, epoch, key, "caption") >> 11) * 2.0 ** -53
+
+    def wanted(self, epoch: int) -> Callable[[str, str], bool]:
+        """The members ``decode`` may use: the .json, the latent, the first caption field's T5
+        rows, and the second field's only where the sample's draw may choose it. The image, the
+        .txt and the other caption fields are skipped unread."""
+        first = caption_member(self.caption_fields[0])
+        second = caption_member(self.caption_fields[1]) if len(self.caption_fields) > 1 else None
+        ratio = self.real_prompt_ratio
+
+        def want(key: str, suffix: str) -> bool:
+            if suffix == METADATA or suffix == LATENT or suffix == first:
+                return True
+            return suffix == second and self.caption_draw(key, epoch) >= ratio
+
+        return want
+
+    def decode(self, raw: TarSample, bucket: str, epoch: int) -> DecodedSample:
+        """``bucket``: the shard's bucket ("" when unknown)."""
+        meta = check_metadata(parse_metadata(raw.members.get(METADATA), raw.key), raw.key, self.sample_format)
+        if bucket and meta["bucket"] != bucket:
+            raise ShardFormatError(f"sample {raw.key!r} is in bucket {meta['bucket']}, its shard holds bucket {bucket}")
+        if LATENT not in raw.members:
+            raise ShardFormatError(f"sample {raw.key!r} has no latent.npy member")
+        moments = read_npy(raw.members[LATENT], f"{raw.key}.{LATENT}")
+        if moments.ndim != 3 or moments.shape[0] % 2 or list(moments.shape) != meta.get("latent_shape"):
+            raise ShardFormatError(f"sample {raw.key!r}: latent shape {list(moments.shape)}, "
+                                   f"its .json says {meta.get('latent_shape')} ([2C, h, w])")
+        available = [name for name in meta["t5_fields"] if caption_member(name) in raw.members]
+        chosen = choose_caption_field(self.caption_fields, available, self.real_prompt_ratio,
+                                      self.caption_draw(raw.key, epoch))
+        if chosen not in available:
+            raise ShardFormatError(f"sample {raw.key!r} has no T5 features for caption field {chosen!r}")
+        feature = read_npy(raw.members[caption_member(chosen)], f"{raw.key}.{caption_member(chosen)}")
+        length = meta["t5_lengths"][chosen]
+        if feature.ndim != 2 or feature.shape[0] != length or length < 1:
+            raise ShardFormatError(f"sample {raw.key!r}: T5 features of shape {list(feature.shape)}, "
+                                   f"its .json says {length} tokens")
+        height, width = meta["original_hw"]
+        return DecodedSample(key=raw.key, bucket=meta["bucket"], original_hw=(height, width), moments=moments,
+                             caption_field=chosen, prompt=meta["captions"][chosen], caption_feature=feature)
+
+
+def shuffled(items: Iterator[Any], buffer_size: int, rng: random.Random) -> Iterator[Any]:
+    """A shuffle buffer: once ``buffer_size`` items are held, each new item replaces a random one."""
+    if buffer_size <= 1:
+        yield from items
+        return
+    buffer: list[Any] = []
+    for item in items:
+        if len(buffer) < buffer_size:
+            buffer.append(item)
+            continue
+        index = rng.randrange(buffer_size)
+        yield buffer[index]
+        buffer[index] = item
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def full_batches(samples: Iterator[DecodedSample], batch_size: int,
+                 buffers: dict[str, list[DecodedSample]]) -> Iterator[list[DecodedSample]]:
+    """One-bucket batches as soon as a bucket has ``batch_size`` samples; the rest stay in ``buffers``."""
+    for sample in samples:
+        buffer = buffers[sample.bucket]
+        buffer.append(sample)
+        if len(buffer) == batch_size:
+            yield list(buffer)
+            buffer.clear()

@@ -148,7 +148,7 @@ class Context:
     """What every section shares: options, models, datasets, the build outputs and the report."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        from shardkit.tiny_models import write_tiny_models
+        from shardkit.testing.tiny_models import write_tiny_models
 
         from synth import DatasetSpec, describe, make_dataset
 
@@ -191,7 +191,7 @@ def section_build(ctx: Context) -> None:
     """Build throughput: shardkit, the per-file baseline, the encoders alone (interleaved)."""
     args, out, options, report, main_ds = ctx.args, ctx.out, ctx.options, ctx.report, ctx.main_ds
     runs: dict[str, list[dict]] = {"shardkit": [], "baseline": [], "encoders": [], "processes": [], "one_stream": [],
-                                   "encoders_one_stream": [], "no_trim": [], "plain_gpu_layout": [], "two_streams": []}
+                                   "encoders_one_stream": [], "plain_gpu_layout": [], "two_streams": []}
     loads = []
     for _ in range(args.repeats):
         loads.append(_load())
@@ -206,8 +206,6 @@ def section_build(ctx: Context) -> None:
             runs["one_stream"].append(run_task("build", {"config": one_stream, "source": str(main_ds),
                                                          "out": str(out / "build-one-stream")}))
             runs["encoders_one_stream"].append(run_task("encoders", {"config": one_stream, "source": str(main_ds)}))
-            runs["no_trim"].append(run_task("build", {"config": options, "source": str(main_ds),
-                                                      "out": str(out / "build-no-trim"), "no_trim": True}))
         else:  # GPU-only: what channels-last and pinned, non-blocking input copies bring
             runs["plain_gpu_layout"].append(run_task("build", {"config": options, "source": str(main_ds),
                                                                "out": str(out / "build-plain-layout"),
@@ -244,10 +242,6 @@ def section_build(ctx: Context) -> None:
                      f"{one[0] / sk[0]:.2f}x build(), {one[0] / bl[0]:.2f}x per-file"])
         rows.append(["for reference: encoders alone, one stream", enc_one[0], enc_one[1],
                      best("encoders_one_stream")["cpu_self_s"], f"one-stream build = {100 * one[0] / enc_one[0]:.0f}% of it"])
-    if runs["no_trim"]:
-        nt = rates("no_trim")
-        rows.append(["for reference: without the heap trims of shardkit/hostmem.py", nt[0], nt[1],
-                     best("no_trim")["cpu_self_s"] + best("no_trim")["cpu_children_s"], f"{nt[0] / sk[0]:.2f}x build()"])
     if runs["plain_gpu_layout"]:
         pl = rates("plain_gpu_layout")
         rows.append(["for reference: VAE without channels-last and pinned, non-blocking input copies", pl[0], pl[1],

@@ -56,7 +56,7 @@ class CaptionMaker:
     """Captions with an exact token count under the given tokenizer (whitespace-split words)."""
 
     def __init__(self, tokenizer):
-        from shardkit.tiny_models import TOKENIZER_CORPUS
+        from shardkit.testing.tiny_models import TOKENIZER_CORPUS
 
         words = TOKENIZER_CORPUS.split()
         # T5's pre-tokenizer splits on whitespace first, so a text's token count is the sum of
@@ -194,7 +194,7 @@ def main() -> None:
     parser.add_argument("--long-side", type=int, default=None, help="fixed long side in px (default: 384-1024)")
     parser.add_argument("--tiny-models", type=Path, default=Path(".cache/tiny-models"))
     args = parser.parse_args()
-    from shardkit.tiny_models import write_tiny_models
+    from shardkit.testing.tiny_models import write_tiny_models
 
     models = write_tiny_models(args.tiny_models)
     root = make_dataset(DatasetSpec(args.n, args.seed, args.long_side), args.out, models / "tokenizer")

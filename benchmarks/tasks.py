@@ -86,17 +86,12 @@ def _fresh(path: str) -> Path:
 def task_build(args: dict) -> dict:
     """shardkit's build() with loaded encoders: wall and CPU time (decode workers included)."""
     from shardkit.build import build
-    from shardkit.hostmem import process_trimmer
 
     config, encoders = _load(args["config"])
     if args.get("stub"):
         _stub_encoders(encoders, args.get("stub_hidden"))
     if args.get("decode_processes"):
         _decode_in_processes()
-    if args.get("no_trim"):
-        process_trimmer().malloc_trim = None  # the build as it was before shardkit/hostmem.py
-    if args.get("trim_slack_fraction") is not None:  # A/B of the trim policy's slack
-        process_trimmer().slack_fraction = args["trim_slack_fraction"]
     if args.get("plain_gpu_layout"):  # GPU A/B: NCHW tensors and pageable host-to-device copies
         import torch
 
@@ -108,7 +103,6 @@ def task_build(args: dict) -> dict:
         summary = build(args["source"], out, config, encoders=encoders)
         result = CpuClock.now().since(start)
     result.update(samples=summary.written, skipped=summary.skipped, bytes=summary.bytes, shards=summary.shards,
-                  heap_trims=process_trimmer().trims, heap_ceiling_mib=process_trimmer().ceiling / 2**20,
                   **gpu.result(), **_cuda_peak())
     return result
 

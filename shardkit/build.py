@@ -30,7 +30,6 @@ from .distributed import (PART_PATTERN, MergeSummary, RankInfo, check_world_size
 from .encoders import (EncoderStreams, Encoders, check_encoders_match, load_encoders, non_finite_features,
                        resolve_encoder_streams)
 from .errors import ShardkitError
-from .hostmem import after_encoder_batch
 from .images import DecodeJob, DecodeResult, SourceUnavailable, run_decode_job
 from .lookahead import bounded_map
 from .manifest import MANIFEST_NAME, Manifest, ShardEntry, read_manifest_at, write_failures, write_manifest
@@ -373,9 +372,7 @@ class BuildJob:
         self._submit(writer, backlog, self._finish_shard, shard.plan, shard.writer, shard.skips)
 
     def _encode_images(self, images: list) -> np.ndarray:
-        latents = self.encoders.vae.encode(torch.from_numpy(np.stack([image.pixels for image in images])))
-        after_encoder_batch(self.encoders.device)  # CPU builds: hand freed activations back to the OS
-        return latents
+        return self.encoders.vae.encode(torch.from_numpy(np.stack([image.pixels for image in images])))
 
     def _caption_windows(self, shard: "_OpenShard", planned: list[PlannedRecord]) -> list[futures.Future]:
         """The windows of the plan holding these records' captions, each submitted to the encoders

@@ -153,7 +153,7 @@ def tiny_models(dest, seed, force):
     They load through the same from_pretrained code path as the real SDXL VAE and T5 but
     produce meaningless features: never train on a build made with them.
     """
-    from .tiny_models import write_tiny_models
+    from .testing.tiny_models import write_tiny_models
 
     path = write_tiny_models(dest or Path(TINY_MODELS_HOME).expanduser(), seed=seed, force=force)
     click.echo(f"tiny models in {path} (vae/, text_encoder/, tokenizer/): use --vae {path} --vae-subfolder vae --t5 {path}")

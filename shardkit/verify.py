@@ -20,7 +20,7 @@ from typing import Any, BinaryIO, Callable, Iterator
 import numpy as np
 
 from .errors import ShardFormatError, ShardkitError, ShardTruncatedError
-from .format import (KEY_PATTERN, LATENT, METADATA, TEXT, SampleFormat, caption_member, member_bounds,
+from .format import (KEY_PATTERN, all_finite, LATENT, METADATA, TEXT, SampleFormat, caption_member, member_bounds,
                      metadata_problems, parse_metadata, read_npy)
 from .manifest import FAILURES_NAME, ShardEntry, ShardSet
 from .shards import TEMP_PREFIX
@@ -144,19 +144,6 @@ def _member_runs(tar: TarMembers, bounds: Callable[[str], int], oversized: Calla
 
 # ---- verification ------------------------------------------------------------------------
 
-# IEEE exponent bits per float width: all of them set means NaN or Inf. Testing the bits is
-# many times faster than np.isfinite on fp16, which numpy computes through float32.
-_EXPONENT_MASKS = {2: (np.uint16, 0x7C00), 4: (np.uint32, 0x7F800000), 8: (np.uint64, 0x7FF0000000000000)}
-
-
-def _all_finite(array: np.ndarray) -> bool:
-    if array.dtype.kind != "f" or not array.dtype.isnative or array.dtype.itemsize not in _EXPONENT_MASKS:
-        return bool(np.isfinite(array).all())
-    bits_type, mask = _EXPONENT_MASKS[array.dtype.itemsize]
-    bits = np.ascontiguousarray(array).view(bits_type)
-    return not np.any((bits & bits_type(mask)) == bits_type(mask))
-
-
 @dataclass
 class _SampleResult:
     key: str
@@ -264,7 +251,7 @@ class _SampleChecker:
     def _check_values(self, array: np.ndarray, what: str, problem) -> None:
         if array.dtype != np.dtype(self.fmt.store_dtype):
             problem(DTYPE, f"{what} is {array.dtype}, the build stores {self.fmt.store_dtype}")
-        if array.dtype.kind not in "fc" or _all_finite(array):
+        if array.dtype.kind not in "fc" or all_finite(array):
             return
         nan = int(np.count_nonzero(np.isnan(array)))
         inf = int(np.count_nonzero(np.isinf(array)))

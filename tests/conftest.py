@@ -16,7 +16,7 @@ TOY_DATASET = REPO / "examples" / "toy-dataset"
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> Path:
-    from shardkit.tiny_models import write_tiny_models
+    from shardkit.testing.tiny_models import write_tiny_models
 
     return write_tiny_models(tmp_path_factory.mktemp("models") / "tiny")
 

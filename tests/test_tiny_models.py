@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from shardkit import tiny_models
-from shardkit.tiny_models import write_tiny_models
+from shardkit.testing.tiny_models import write_tiny_models
 
 CAPTIONS = [
     "A fluffy orange cat sleeps on a sunny windowsill.",

@@ -56,6 +56,10 @@ def _stub_encoders(encoders, hidden: int | None = None) -> None:
 
     vae.encode = fake_vae
     t5.encode = fake_t5
+    if hidden:  # the manifest declares the width the rows are written at
+        import dataclasses
+
+        t5.identity = dataclasses.replace(t5.identity, hidden_size=hidden)
 
 
 def _decode_in_processes() -> None:

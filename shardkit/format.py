@@ -50,7 +50,6 @@ MAX_TEXT_BYTES = 16 << 20
 MAX_ARRAY_BYTES_UNDECLARED = 1 << 30  # arrays of shards read without their manifest
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # PIL's decompression-bomb limit, the build's default
 NPY_HEADER_BYTES = 1 << 16  # np.save writes ~128; version 1 headers cannot pass 64 KiB
-JSON_MAX_DEPTH = 32
 
 
 def caption_member(name: str) -> str:
@@ -199,7 +198,7 @@ def member_bounds(fmt: SampleFormat | None, bucket_hw: Iterable[int] | None) -> 
     """``suffix -> most bytes`` for the members of one shard (bucket); without a declaration
     (shards read without their manifest) arrays get a fixed bound."""
     if fmt is not None:
-        return lambda suffix: fmt.max_member_bytes(suffix, bucket_hw)
+        return functools.lru_cache(maxsize=64)(lambda suffix: fmt.max_member_bytes(suffix, bucket_hw))
 
     def undeclared(suffix: str) -> int:
         if suffix in (METADATA, TEXT):
@@ -252,29 +251,6 @@ def json_bytes(data: dict) -> bytes:
     return json.dumps(data, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
-def _depth(text: str) -> int:
-    """Deepest nesting of ``[``/``{`` outside strings (checked before json parses: deep nesting
-    makes json recurse past Python's limit)."""
-    depth = deepest = 0
-    in_string = escaped = False
-    for char in text:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif char == "\\":
-                escaped = True
-            elif char == '"':
-                in_string = False
-        elif char == '"':
-            in_string = True
-        elif char in "[{":
-            depth += 1
-            deepest = max(deepest, depth)
-        elif char in "]}":
-            depth -= 1
-    return deepest
-
-
 def parse_metadata(payload: bytes | memoryview | None, key: str) -> dict[str, Any]:
     """The JSON object of a sample's ``.json`` member, or a ShardFormatError."""
     if payload is None:
@@ -283,12 +259,12 @@ def parse_metadata(payload: bytes | memoryview | None, key: str) -> dict[str, An
         text = str(payload, "utf-8")
     except UnicodeDecodeError as exc:
         raise ShardFormatError(f"sample {key!r}: its .json member is not UTF-8 ({exc.reason})") from None
-    if _depth(text) > JSON_MAX_DEPTH:
-        raise ShardFormatError(f"sample {key!r}: its .json member nests deeper than {JSON_MAX_DEPTH} levels")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ShardFormatError(f"sample {key!r}: its .json member is not valid JSON ({exc})") from None
+    except RecursionError:  # json's parser recurses per level of nesting
+        raise ShardFormatError(f"sample {key!r}: its .json member nests too deep to be a metadata record") from None
     if not isinstance(data, dict):
         raise ShardFormatError(f"sample {key!r}: its .json member holds a {type(data).__name__}, not an object")
     return data

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import re
 import stat
 import tarfile
 from dataclasses import dataclass
@@ -222,12 +223,19 @@ def _text(field: bytes) -> str:
     return field.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
 
 
+_OCTAL = re.compile(rb"[0-7]*")
+_PLAIN_OCTAL_FIELD = re.compile(rb" *[0-7]* *[\0 ]*")  # how writers fill the fields: the fast path
+
+
 def _number(field: bytes, what: str, offset: int) -> int:
-    """A numeric header field: octal digits (spaces/NUL padded), or GNU's positive base-256."""
+    """A numeric header field: octal digits (space padded, ended by NUL as tarfile reads them),
+    or GNU's positive base-256."""
+    if _PLAIN_OCTAL_FIELD.fullmatch(field):
+        return int(field.strip(b" \0") or b"0", 8)
     if field[0] == 0o200:
         return int.from_bytes(field[1:], "big")
     text = field.split(b"\0", 1)[0].strip(b" ")
-    if field[0] == 0o377 or not all(48 <= c <= 55 for c in text):
+    if not _OCTAL.fullmatch(text):  # also GNU's negative base-256 (first byte 0o377)
         raise ShardFormatError(f"the tar header at byte {offset} is damaged: its {what} field is not a "
                                f"non-negative number")
     return int(text or b"0", 8)
@@ -236,9 +244,9 @@ def _number(field: bytes, what: str, offset: int) -> int:
 def _check_header(block: bytes, offset: int) -> tuple[str, int, bytes]:
     """(name, size, type) of a 512-byte header, every field checked."""
     stored = block[148:156].split(b"\0", 1)[0].strip(b" ")
-    unsigned = 256 + sum(block) - sum(block[148:156])
-    signed = unsigned - 256 * sum(byte >= 128 for byte in block[:148] + block[156:])
-    if not stored or not all(48 <= c <= 55 for c in stored) or int(stored, 8) not in (unsigned, signed):
+    checksum = int(stored, 8) if stored and _OCTAL.fullmatch(stored) else -1
+    unsigned = 256 + sum(block) - sum(block[148:156])  # the field counts as eight spaces
+    if checksum != unsigned and checksum != unsigned - 256 * sum(byte >= 128 for byte in block[:148] + block[156:]):
         what = "not a tar file (its first header is damaged)" if offset == 0 else f"the tar header at byte {offset} is damaged"
         raise ShardFormatError(f"{what}: bad checksum, the members from there on cannot be read")
     if block[257:265] not in _MAGICS:

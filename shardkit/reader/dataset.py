@@ -83,8 +83,11 @@ class ShardReader(IterableDataset):
             each rank then yields ``batches_per_epoch`` batches per epoch (None: endless).
         storage_options: fsspec options for remote URLs (endpoint, credentials, ...).
         cache_dir: download remote shards once into this folder (sha256-checked) and reuse them.
-        retries, retry_backoff, timeout: transient failures are retried ``retries`` times after
-            ``retry_backoff * 2**n`` seconds; remote reads time out after ``timeout`` seconds.
+        retries, retry_backoff, timeout: transient failures (connection refused or reset,
+            timeouts, HTTP 5xx and 429, a remote stream cut short) are retried ``retries`` times,
+            the n-th after ``retry_backoff * 2**(n-1)`` seconds times a jitter in [0.5, 1);
+            permanent ones (404, 403, malformed content) are not. A remote read that stalls
+            ends after ``timeout`` seconds.
         on_error: ``"raise"`` stops on an unreadable shard with a ShardReadError; ``"skip"``
             logs a warning, counts it in ``stats`` and goes on (ranks stay equal: a rank that lost
             samples repeats some to keep its batch count).

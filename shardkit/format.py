@@ -25,7 +25,7 @@ import json
 import math
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, NamedTuple
 
 import numpy as np
 
@@ -341,16 +341,12 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-@dataclass(frozen=True)
-class NpyHeader:
+class NpyHeader(NamedTuple):
     dtype: np.dtype
     shape: tuple[int, ...]
     fortran_order: bool
     offset: int  # where the data starts
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize
+    nbytes: int  # of the data the header claims
 
 
 @functools.lru_cache(maxsize=4096)
@@ -360,7 +356,8 @@ def _parse_header(header: bytes) -> NpyHeader:
     major = header[6]
     reader = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
     shape, fortran_order, dtype = reader(io.BytesIO(header[8:]), max_header_size=NPY_HEADER_BYTES)
-    return NpyHeader(np.dtype(dtype), tuple(int(d) for d in shape), bool(fortran_order), len(header))
+    shape = tuple(int(d) for d in shape)
+    return NpyHeader(np.dtype(dtype), shape, bool(fortran_order), len(header), math.prod(shape) * np.dtype(dtype).itemsize)
 
 
 def npy_header(payload: bytes | memoryview, what: str) -> NpyHeader:

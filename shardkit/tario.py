@@ -22,7 +22,7 @@ import re
 import stat
 import tarfile
 from dataclasses import dataclass
-from typing import BinaryIO, Callable, Iterator
+from typing import BinaryIO, Callable, Iterator, NamedTuple
 
 from .errors import ShardFormatError, ShardTruncatedError
 from .format import split_member_name
@@ -281,8 +281,7 @@ def _pax_records(payload: bytes, offset: int) -> dict[str, str]:
     return records
 
 
-@dataclass(frozen=True)
-class TarMember:
+class TarMember(NamedTuple):  # a tuple: one is made per member on the reader's hot path
     name: str
     size: int
     regular: bool  # False: a folder, link, device... (no payload to read)

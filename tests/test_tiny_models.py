@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from shardkit import tiny_models
+from shardkit.testing import tiny_models
 from shardkit.testing.tiny_models import write_tiny_models
 
 CAPTIONS = [

@@ -98,10 +98,10 @@ class PixArtExport:
 
     def __init__(self, source: str | os.PathLike, dest: str | os.PathLike, *, max_length: int | None = None,
                  images: bool = True, overwrite: bool = False, compress: bool = False,
-                 storage_options: dict[str, Any] | None = None):
+                 storage_options: dict[str, Any] | None = None, timeout: float | None = 60.0):
         if isinstance(source, (list, tuple)) or str(source).endswith(".tar") or "{" in str(source):
             raise ShardkitError("export needs the build's manifest: pass the OUTPUT folder or its manifest.json")
-        self.shard_set = open_shard_set(str(source), storage_options)
+        self.shard_set = open_shard_set(str(source), storage_options, timeout)
         manifest = self.shard_set.manifest
         if manifest.status != "complete":
             raise ShardkitError(f"the build at {self.shard_set.url_of(MANIFEST_NAME)} is not complete (status "
@@ -202,8 +202,9 @@ def _refuse(finding: Finding) -> None:
 def export_pixart(source: str | os.PathLike, dest: str | os.PathLike, *, max_length: int | None = None,
                   images: bool = True, overwrite: bool = False, compress: bool = False,
                   storage_options: dict[str, Any] | None = None,
-                  progress: Callable[[int], None] | None = None) -> ExportSummary:
+                  progress: Callable[[int], None] | None = None, timeout: float | None = 60.0) -> ExportSummary:
     """Write PixArt-Σ's per-file layout for every sample of the build at ``source`` (an OUTPUT
-    folder or manifest, local or remote) into ``dest``."""
+    folder or manifest, local or remote) into ``dest``; remote reads that stall end after
+    ``timeout`` seconds."""
     return PixArtExport(source, dest, max_length=max_length, images=images, overwrite=overwrite,
-                        compress=compress, storage_options=storage_options).run(progress)
+                        compress=compress, storage_options=storage_options, timeout=timeout).run(progress)

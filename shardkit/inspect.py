@@ -42,9 +42,11 @@ class InspectReport:
 def inspect_output(output: str, verify_shards: bool = False, progress: bool = False, preview: str | None = None,
                    thumbs_per_bucket: int = 4, decode_with: str | None = None,
                    decode_subfolder: str | None = None, allow_incomplete: bool = False,
-                   storage_options: dict[str, Any] | None = None, jobs: int | None = None) -> InspectReport:
-    """The whole `shardkit inspect`: summary from the manifest, then the optional verification and preview."""
-    shard_set = open_shard_set(output, storage_options)
+                   storage_options: dict[str, Any] | None = None, jobs: int | None = None,
+                   timeout: float | None = 60.0) -> InspectReport:
+    """The whole `shardkit inspect`: summary from the manifest, then the optional verification and
+    preview. Remote reads that stall end after ``timeout`` seconds (an unreadable_shard finding)."""
+    shard_set = open_shard_set(output, storage_options, timeout)
     report = InspectReport(summary=summarize(shard_set))
     if verify_shards:
         report.verification = verify(shard_set, progress=progress, allow_incomplete=allow_incomplete,

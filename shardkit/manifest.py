@@ -18,7 +18,7 @@ from typing import Any, BinaryIO, Iterator
 from . import __version__
 from .errors import ShardkitError
 from .format import SampleFormat, declare_from_config, member_bounds
-from .storage import LocalStorage, Storage, atomic_write_bytes
+from .storage import LocalStorage, Storage, atomic_write_bytes, with_timeouts
 from .tario import TarSample, iter_tar_samples
 
 MANIFEST_NAME = "manifest.json"
@@ -221,13 +221,14 @@ class ShardSet:
             yield from iter_tar_samples(fh, max_bytes=bounds)
 
 
-def open_shard_set(output: str, storage_options: dict[str, Any] | None = None) -> ShardSet:
+def open_shard_set(output: str, storage_options: dict[str, Any] | None = None, timeout: float | None = 60.0) -> ShardSet:
     """Read OUTPUT/manifest.json (OUTPUT is a path or an fsspec URL such as s3://bucket/prefix;
-    ``storage_options`` go to fsspec, e.g. the endpoint of an S3-compatible store)."""
+    ``storage_options`` go to fsspec, e.g. the endpoint of an S3-compatible store). Remote reads
+    that stall end after ``timeout`` seconds."""
     url = str(output).rstrip("/") or str(output)
     if url.endswith("/" + MANIFEST_NAME):
         url = url[: -len(MANIFEST_NAME) - 1]
-    storage = Storage.for_url(url, storage_options)
+    storage = Storage.for_url(url, with_timeouts(url, storage_options, timeout))  # a stalled server raises, never hangs
     try:
         payload = storage.read_bytes(MANIFEST_NAME)
     except (FileNotFoundError, NotADirectoryError):

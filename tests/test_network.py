@@ -11,9 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from shardkit.errors import ShardFormatError, ShardIntegrityError, ShardReadError
+from shardkit.errors import ShardFormatError, ShardIntegrityError, ShardkitError, ShardReadError
+from shardkit.export import export_pixart
+from shardkit.inspect import inspect_output
 from shardkit.reader import ShardReader
 from shardkit.storage import Retry, is_transient
+from test_reader import write_synthetic_build
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -110,9 +113,7 @@ def test_a_server_restarted_mid_epoch_costs_retries_not_shards(toy_build):
     assert dataset.stats.shards_failed == 0 and dataset.stats.retries >= 1
 
 
-def test_a_stalled_read_is_cut_at_the_timeout_once_per_attempt(toy_build):
-    release = threading.Event()
-
+def _stalling_handler(release: threading.Event):
     class StallingHandler(_QuietHandler):
         def do_GET(self):
             if not self.path.endswith(".tar"):
@@ -122,7 +123,12 @@ def test_a_stalled_read_is_cut_at_the_timeout_once_per_attempt(toy_build):
             self.end_headers()
             release.wait(30)  # sends no byte of the body
 
-    server = _Server(toy_build, StallingHandler)
+    return StallingHandler
+
+
+def test_a_stalled_read_is_cut_at_the_timeout_once_per_attempt(toy_build):
+    release = threading.Event()
+    server = _Server(toy_build, _stalling_handler(release))
     try:
         dataset = ShardReader(server.url, batch_size=1, timeout=1.0, retries=1, retry_backoff=0)
         started = time.monotonic()
@@ -134,3 +140,20 @@ def test_a_stalled_read_is_cut_at_the_timeout_once_per_attempt(toy_build):
         server.stop()
     assert dataset.stats.retries == 1
     assert 1.9 < elapsed < 3.5  # two attempts of one timeout each, not two timeouts each
+
+
+def test_verify_and_export_from_a_stalled_server_end_with_one_clear_line(tmp_path):
+    build = tmp_path / "build"
+    write_synthetic_build(build, {"1.0": [2]})
+    release = threading.Event()
+    server = _Server(build, _stalling_handler(release))
+    try:
+        started = time.monotonic()
+        report = inspect_output(server.url, verify_shards=True, timeout=0.5)
+        assert report.verification.kinds() >= {"unreadable_shard"}
+        with pytest.raises(ShardkitError, match="refusing to export.*unreadable_shard"):
+            export_pixart(server.url, tmp_path / "dest", timeout=0.5)
+        assert time.monotonic() - started < 20
+    finally:
+        release.set()
+        server.stop()

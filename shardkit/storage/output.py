@@ -95,7 +95,8 @@ class Storage(ABC):
 
     @abstractmethod
     def list_sizes(self, relative: str = "") -> dict[str, int | None]:
-        """Entries directly in a folder: name -> bytes for files, None for folders; {} when it does not exist."""
+        """Entries directly in a folder: name -> bytes for files (-1 where the store does not say),
+        None for folders; {} when it does not exist."""
 
     def listdir(self, relative: str = "") -> list[str]:
         return sorted(self.list_sizes(relative))
@@ -283,7 +284,8 @@ class FsspecStorage(Storage):
         for info in infos:
             name = info["name"].rstrip("/").rsplit("/", 1)[-1]
             if name:
-                entries[name] = None if info.get("type") == "directory" else int(info["size"])
+                size = info.get("size")  # an HTTP folder listing gives no sizes: -1, unknown
+                entries[name] = None if info.get("type") == "directory" else (-1 if size is None else int(size))
         return entries
 
     def remove(self, relative: str) -> None:

@@ -177,6 +177,15 @@ def is_transient(exc: BaseException, url: str = "") -> bool:
     return isinstance(exc, (OSError, EOFError)) or type(exc).__name__ in ("ClientError", "BotoCoreError")
 
 
+def with_timeouts(url: str, options: dict[str, Any] | None, timeout: float | None = 60.0) -> dict[str, Any]:
+    """``options`` for ``url`` with connect/read timeouts added where the user set none."""
+    if not is_url(url):
+        return dict(options or {})
+    import fsspec
+
+    return _with_timeouts(fsspec.utils.get_protocol(url), dict(options or {}), timeout)
+
+
 def _with_timeouts(protocol: str, options: dict[str, Any], timeout: float | None) -> dict[str, Any]:
     """Storage options with connect/read timeouts added where the user set none: a stalled server
     then raises (and is retried) instead of hanging a training job."""

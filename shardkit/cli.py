@@ -250,5 +250,30 @@ def merge_command(output, endpoint_url, storage_options):
     click.echo(merge_parts(storage).describe(storage.url))
 
 
+@main.command("index")
+@click.argument("output")
+@click.option("--format", "index_format", type=click.Choice(["wids", "energon"]), required=True,
+              help="wids: a wids-shard-index-v1 JSON for wids.ShardListDataset; energon: .nv-meta/ and NAME.tar.idx "
+                   "files so Megatron-Energon reads the build without `energon prepare`.")
+@click.option("--output", "destination", default=None,
+              help="Where the wids index goes (a file path or URL). [default: OUTPUT/wids-index.json]")
+@click.option("--split-part", default="train", show_default=True, help="The energon split part that holds every shard.")
+@click.option("--endpoint-url", default=None, help="S3-compatible endpoint for an s3:// OUTPUT. [default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, else AWS]")
+@click.option("--storage-options", default=None, help="More fsspec options for a URL OUTPUT, as JSON.")
+@_user_errors
+def index_command(output, index_format, destination, split_part, endpoint_url, storage_options):
+    """Index the finished build in OUTPUT for another loader (wids, Megatron-Energon).
+
+    Every shard is read once and must match the manifest (size, sha256, sample count).
+    """
+    from .index import write_index
+    from .storage import parse_storage_options, storage_options_for
+
+    report = write_index(output, index_format, destination=destination, split_part=split_part,
+                         storage_options=storage_options_for(output, endpoint_url, parse_storage_options(storage_options)))
+    where = report.written[0] if report.kind == "wids" else f"{len(report.written)} files in {output}"
+    click.echo(f"indexed {report.samples} samples in {report.shards} shards ({report.kind}): {where}")
+
+
 if __name__ == "__main__":
     main()

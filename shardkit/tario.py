@@ -20,6 +20,7 @@ import mmap
 import os
 import re
 import stat
+import struct
 import tarfile
 from dataclasses import dataclass
 from typing import BinaryIO, Callable, Iterator, NamedTuple
@@ -285,7 +286,7 @@ class TarMember(NamedTuple):  # a tuple: one is made per member on the reader's 
     name: str
     size: int
     regular: bool  # False: a folder, link, device... (no payload to read)
-    offset: int  # of its header in the tar
+    offset: int  # of its first header in the tar (a pax header or GNU long name, where it has one)
 
 
 class TarMembers:
@@ -302,6 +303,7 @@ class TarMembers:
         self._name = ""
         self._global_pax: dict[str, str] = {}
         self.ended = False
+        self.end: int | None = None  # where the end-of-archive blocks start, once reached
 
     @property
     def offset(self) -> int:
@@ -334,11 +336,13 @@ class TarMembers:
         """The next member, or None at the end of the archive (two zero blocks)."""
         long_name: str | None = None
         pax: dict[str, str] = {}
+        first_header: int | None = None  # a member starts at its first (extended) header
         while True:
             if self._pending:
                 self._skip(self._pending)
                 self._pending = 0
             offset = self.offset
+            first_header = offset if first_header is None else first_header
             block = self._bytes.read(BLOCK)
             if len(block) < BLOCK:
                 if offset == 0 and not block:
@@ -354,6 +358,7 @@ class TarMembers:
                     raise ShardFormatError(f"the tar header at byte {offset} is damaged: a zero block is "
                                            f"followed by data")
                 self.ended = True
+                self.end = offset
                 return None
             name, size, kind = _check_header(bytes(block), offset)
             self._name = name
@@ -381,7 +386,7 @@ class TarMembers:
             dataless = kind in _DATALESS_TYPES or (kind == b"\0" and not regular)
             self._name, self._size = name, (size if regular else 0)
             self._pending = 0 if dataless else size + (-size) % BLOCK  # unknown types carry data, as tarfile reads them
-            return TarMember(name, size, regular, offset)
+            return TarMember(name, size, regular, first_header)
 
     def payload(self) -> bytes | memoryview:
         """The data of the regular member ``next()`` gave last (once)."""
@@ -389,6 +394,16 @@ class TarMembers:
         self._pending -= self._size
         self._size = 0
         return data
+
+
+# ---- sample offset index (NAME.tar.idx, as Megatron-Energon reads it) ------------------------
+
+TAR_INDEX_SUFFIX = ".idx"  # appended to the shard's name
+
+
+def tar_index_bytes(sample_offsets: list[int]) -> bytes:
+    """Little-endian uint64 offsets of each sample's first header, then the end of the last sample."""
+    return struct.pack(f"<{len(sample_offsets)}Q", *sample_offsets)
 
 
 # ---- tar -> samples ------------------------------------------------------------------------

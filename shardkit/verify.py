@@ -24,7 +24,7 @@ from .format import (KEY_PATTERN, all_finite, LATENT, METADATA, TEXT, SampleForm
                      metadata_problems, parse_metadata, read_npy)
 from .manifest import FAILURES_NAME, ShardEntry, ShardSet
 from .shards import TEMP_PREFIX
-from .tario import TarMembers
+from .tario import TAR_INDEX_SUFFIX, TarMembers, tar_index_bytes
 
 # Finding kinds: stable names a CI pipeline may match on (docs/inspect.md explains each).
 SHA256_MISMATCH = "sha256_mismatch"
@@ -54,6 +54,7 @@ BUILD_INCOMPLETE = "build_incomplete"
 EMPTY_BUILD = "empty_build"
 # Warnings: worth knowing, no reason to distrust the set.
 PARTIAL_SHARD = "partial_shard"
+STALE_TAR_INDEX = "stale_tar_index"
 
 
 @dataclass
@@ -78,16 +79,19 @@ _READ_CHUNK = 1 << 20
 class _HashingReader:
     """The one pass over a shard: the tar reader reads through it while every byte is hashed and counted."""
 
-    def __init__(self, fh: BinaryIO, on_bytes: Callable[[int], Any]):
+    def __init__(self, fh: BinaryIO, on_bytes: Callable[[int], Any], digests: tuple[str, ...] = ()):
         self._fh = fh
         self._on_bytes = on_bytes
         self.sha256 = hashlib.sha256()
+        self.digests = {name: hashlib.new(name) for name in digests}  # more than the manifest's sha256
         self.size = 0
 
     def read(self, size: int = -1) -> bytes:
         data = self._fh.read(size)
         if data:
             self.sha256.update(data)
+            for digest in self.digests.values():
+                digest.update(data)
             self.size += len(data)
             self._on_bytes(len(data))
         return data
@@ -102,6 +106,7 @@ class MemberRun:
     """Adjacent tar members sharing a WebDataset key (the name up to the first dot of its basename)."""
 
     key: str
+    offset: int  # of the run's first header in the tar
     members: list[tuple[str, bytes | None]] = field(default_factory=list)  # (name, payload); None: not a file
 
 
@@ -128,7 +133,7 @@ def _member_runs(tar: TarMembers, bounds: Callable[[str], int], oversized: Calla
         if current is None or key != current.key:
             if current is not None:
                 yield current
-            current = MemberRun(key)
+            current = MemberRun(key, member.offset)
         payload = None
         if member.regular:
             suffix = member.name.rpartition("/")[2].partition(".")[2].lower()
@@ -302,6 +307,8 @@ class ShardCheck:
     samples: int  # distinct sample keys read
     bytes: int
     keys: list[str]
+    sample_offsets: list[int] = field(default_factory=list)  # each sample's first header, then the tar's end
+    digests: dict[str, str] = field(default_factory=dict)  # hex digests asked for beside the sha256
 
 
 @dataclass
@@ -343,8 +350,10 @@ class ShardCheckRun:
     its tar's, its checksum, size and count against the manifest) and ``check`` what it holds."""
 
     def __init__(self, shard_set: ShardSet, checker: _SampleChecker, entry: ShardEntry,
-                 on_bytes: Callable[[int], Any] = lambda count: None):
+                 on_bytes: Callable[[int], Any] = lambda count: None, digests: tuple[str, ...] = ()):
         self.shard_set, self.checker, self.entry, self.on_bytes = shard_set, checker, entry, on_bytes
+        self.digests = digests
+        self.sample_offsets: list[int] = []
         self.findings: list[Finding] = []
         self.check: ShardCheck | None = None
 
@@ -363,7 +372,7 @@ class ShardCheckRun:
         read_whole = False
         try:
             with self.shard_set.open(entry.path) as fh:
-                reader = _HashingReader(fh, self.on_bytes)
+                reader = _HashingReader(fh, self.on_bytes, self.digests)
                 try:
                     read_whole = yield from self._read_tar(reader, keys, lengths)
                 finally:
@@ -387,15 +396,18 @@ class ShardCheckRun:
             problem(SHA256_MISMATCH, None, f"sha256 is {digest}, the manifest says {entry.sha256}")
         if len(keys) != entry.samples:
             problem(COUNT_MISMATCH, None, f"holds {len(keys)} samples, the manifest says {entry.samples}")
-        self.check = ShardCheck(path=entry.path, bucket=entry.bucket, samples=len(keys), bytes=reader.size, keys=keys)
+        self.check = ShardCheck(path=entry.path, bucket=entry.bucket, samples=len(keys), bytes=reader.size, keys=keys,
+                                sample_offsets=self.sample_offsets if read_whole else [],
+                                digests={name: digest.hexdigest() for name, digest in reader.digests.items()})
 
     def _read_tar(self, reader: _HashingReader, keys: list[str], lengths: dict[str, Counter]):
         """Check every sample on the single streaming pass; returns True if the tar read to its proper end."""
         problem = self._problem
         seen: set[str] = set()
         bounds = member_bounds(self.checker.fmt, self.entry.bucket_hw)
+        tar = TarMembers(reader)
         try:
-            for run in _member_runs(TarMembers(reader), bounds, lambda key, message: problem(OVERSIZED_MEMBER, key, message)):
+            for run in _member_runs(tar, bounds, lambda key, message: problem(OVERSIZED_MEMBER, key, message)):
                 result = self.checker.check(self.entry, run)
                 self.findings.extend(result.findings)
                 if result.key in seen:
@@ -404,6 +416,7 @@ class ShardCheckRun:
                     continue
                 seen.add(result.key)
                 keys.append(result.key)
+                self.sample_offsets.append(run.offset)
                 for name, length in result.token_lengths.items():
                     lengths.setdefault(name, Counter())[str(length)] += 1
                 members = {name[len(result.key) + 1:]: payload for name, payload in run.members
@@ -415,6 +428,7 @@ class ShardCheckRun:
         except ShardFormatError as exc:
             problem(UNREADABLE_MEMBER, None, f"not a readable tar after {len(keys)} samples: {exc}")
             return False
+        self.sample_offsets.append(tar.end)
         return True
 
 
@@ -435,6 +449,7 @@ class _Verifier:
         self.findings: list[Finding] = []
         self.warnings: list[Finding] = []
         self.key_owner: dict[str, str] = {}  # key -> the shard it was first seen in
+        self.tar_indexes: dict[str, int] = {}  # shard -> size of the NAME.tar.idx beside it (shardkit index)
 
     def problem(self, kind: str, shard: str | None, key: str | None, message: str) -> None:
         self.findings.append(Finding(kind, shard, key, message))
@@ -492,7 +507,9 @@ class _Verifier:
         present = set()
         for name, size in sorted(self.shard_set.storage.list_sizes("shards").items()):
             relative = "shards/" + name
-            if size is None:
+            if relative.endswith(TAR_INDEX_SUFFIX) and relative[:-len(TAR_INDEX_SUFFIX)] in listed and size is not None:
+                self.tar_indexes[relative[:-len(TAR_INDEX_SUFFIX)]] = size  # checked with its shard
+            elif size is None:
                 self.problem(UNLISTED_SHARD, relative, None, "a folder inside shards/, which holds only shard files")
             elif name.startswith(TEMP_PREFIX):
                 self.warnings.append(Finding(PARTIAL_SHARD, relative, None, "temporary file of an interrupted or running "
@@ -518,7 +535,22 @@ class _Verifier:
         run = ShardCheckRun(self.shard_set, self.checker, entry, on_bytes)
         for _ in run.samples():
             pass
+        if entry.path in self.tar_indexes and run.check is not None and run.check.sample_offsets:
+            self._check_tar_index(entry.path, run)
         return _ShardResult(run.check, run.findings)
+
+    def _check_tar_index(self, path: str, run: ShardCheckRun) -> None:
+        """A NAME.tar.idx beside a shard must hold exactly that shard's sample offsets, or a loader
+        using it (Megatron-Energon) would read samples from the wrong bytes."""
+        index_path = path + TAR_INDEX_SUFFIX
+        expected = tar_index_bytes(run.check.sample_offsets)
+        if self.tar_indexes[path] != len(expected):
+            stale = True  # not read: its size already says it does not describe this shard
+        else:
+            stale = self.shard_set.storage.read_bytes(index_path) != expected
+        if stale:
+            run.findings.append(Finding(STALE_TAR_INDEX, index_path, None, "the sample offsets it holds are not those "
+                                        "of the shard beside it; run `shardkit index OUTPUT --format energon` again"))
 
     def _per_bucket(self, checks: list[ShardCheck]) -> dict[str, int]:
         counts: Counter = Counter()
@@ -558,10 +590,11 @@ def verify(shard_set: ShardSet, progress: bool = False, allow_incomplete: bool =
 
 
 
-def check_shard(shard_set: ShardSet, entry: ShardEntry) -> ShardCheckRun:
-    """One shard checked as ``verify`` checks it, sample by sample (see ``ShardCheckRun``)."""
+def check_shard(shard_set: ShardSet, entry: ShardEntry, digests: tuple[str, ...] = ()) -> ShardCheckRun:
+    """One shard checked as ``verify`` checks it, sample by sample (see ``ShardCheckRun``);
+    ``digests`` names hashlib digests of the whole file to compute on the same pass."""
     try:
         fmt = shard_set.manifest.declaration()
     except ShardkitError as exc:
         raise ShardkitError(f"{exc}; the build cannot be verified") from None
-    return ShardCheckRun(shard_set, _SampleChecker(fmt), entry)
+    return ShardCheckRun(shard_set, _SampleChecker(fmt), entry, digests=digests)

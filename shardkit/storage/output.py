@@ -57,6 +57,15 @@ class Storage(ABC):
             return FsspecStorage(str(url), storage_options or {})
         return LocalStorage(local_path(url))
 
+    @staticmethod
+    def for_file(location: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> tuple["Storage", str]:
+        """The storage of a file's folder, and the file's name in it."""
+        text = str(location).rstrip("/")
+        if is_url(text):
+            folder, _, name = text.rpartition("/")
+            return Storage.for_url(folder, storage_options), name
+        return Storage.for_url(Path(text).parent, storage_options), Path(text).name
+
     @property
     def location(self) -> Path | str:
         """What to show the user and put in summaries: the Path of a local folder, else the URL."""

@@ -14,12 +14,12 @@ from ..errors import ShardFormatError, ShardIntegrityError, ShardReadError
 from .collate import BatchBuffers, PixArtCollate
 from .dataset import ShardReader
 from .epoch import (PlannedBatch, ReaderPlan, ShardInfo, ShardPiece, batches_per_rank, count_batches, derive_seed,
-                    epoch_batches, epoch_shard_order, plan_reader, split_evenly)
+                    epoch_batches, epoch_shard_order, mixed_epoch_batches, plan_builds, plan_reader, split_evenly)
 from .stages import DecodedSample, SampleDecoder, choose_caption_field, full_batches, shuffled
 from .store import BuildInfo, ReaderStats, ResolvedBuild, ShardStore, resolve_build
 
 __all__ = ["BatchBuffers", "BuildInfo", "DecodedSample", "PixArtCollate", "PlannedBatch", "ReaderPlan", "ReaderStats",
            "ResolvedBuild", "SampleDecoder", "ShardFormatError", "ShardInfo", "ShardIntegrityError", "ShardPiece",
            "ShardReadError", "ShardReader", "ShardStore", "batches_per_rank", "choose_caption_field", "count_batches",
-           "derive_seed", "epoch_batches", "epoch_shard_order", "full_batches", "plan_reader", "resolve_build",
+           "derive_seed", "epoch_batches", "epoch_shard_order", "full_batches", "mixed_epoch_batches", "plan_builds", "plan_reader", "resolve_build",
            "shuffled", "split_evenly"]

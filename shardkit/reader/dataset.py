@@ -17,18 +17,24 @@ cache) the image, the ``.txt`` and the caption fields not drawn are skipped unre
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
+import json
 import logging
+import math
 import os
+import posixpath
 import random
 from collections import Counter, defaultdict
-from typing import Any, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ..errors import ShardkitError, ShardReadError
 from .collate import CAPTION_PADDINGS, LATENT_MODES, LAYOUTS, PixArtCollate
-from .epoch import ReaderPlan, ShardPiece, batches_per_rank, derive_seed, plan_reader, split_evenly
+from .epoch import ReaderPlan, ShardInfo, ShardPiece, derive_seed, epoch_batch_count, plan_builds, split_evenly
 from .stages import DecodedSample, SampleDecoder, full_batches, shuffled
 from .store import BuildInfo, ReaderStats, ShardStore, resolve_build
 
@@ -52,9 +58,24 @@ class ShardReader(IterableDataset):
     ``layout="dict"`` gives ``{"latent", "caption_feature", "attention_mask", "data_info",
     "keys", "prompt", "caption_field", "bucket"}``.
 
+    Mid-epoch resume: ``state_dict()`` / ``load_state_dict()`` (small, JSON-serialisable). After
+    a restart with the same world size and DataLoader workers, the reader yields exactly the
+    batches the uninterrupted run would have yielded next: in one process through its own state,
+    with workers through ``torchdata.stateful_dataloader.StatefulDataLoader`` (which keeps each
+    worker's state). A state taken in one process per rank (``num_workers=0``) may also be loaded
+    under another world size or worker count: the batches of the epoch that every old rank had
+    consumed (ranks step together) are left out and the rest is split again, equally, over the
+    new ranks. A state saved for another build (or a build changed since) is refused.
+
     Args:
         source: a build folder (local path or URL prefix), its ``manifest.json`` (path or URL),
-            or a list / brace pattern of shard URLs (scanned once to count samples).
+            or a list / brace pattern of shard URLs (scanned once to count samples); with
+            ``weights``, a list of such builds to mix.
+        weights: mix the builds of ``source`` in these proportions: every batch comes from one
+            build and one bucket, build ``b`` gives ``weights[b] / sum(weights)`` of each
+            epoch's batches, and the epoch ends once the build needing the most passes has made
+            one (``reader.epoch.mixed_epoch_batches``). The builds must provide the same
+            features (latent channels, text-feature width and length, stored dtype).
         batch_size: samples per batch.
         latent: ``"sample"`` or ``"mean"``.
         scale_factor: multiply latents by this (PixArt's train.py scales them itself).
@@ -103,7 +124,8 @@ class ShardReader(IterableDataset):
     load_vae_feat = True
     load_t5_feat = True
 
-    def __init__(self, source: str | os.PathLike | Sequence[str], batch_size: int, *, latent: str = "sample",
+    def __init__(self, source: str | os.PathLike | Sequence[str], batch_size: int, *,
+                 weights: Sequence[float] | None = None, latent: str = "sample",
                  scale_factor: float | None = None, dtype: torch.dtype | None = None,
                  mask_dtype: torch.dtype = torch.int16, max_length: int | None = None,
                  caption_padding: str = "max_length", caption_fields: Sequence[str] | None = None,
@@ -128,11 +150,18 @@ class ShardReader(IterableDataset):
         _require(batches_per_epoch is None or resampled, "batches_per_epoch applies to resampled=True only")
         self.store = ShardStore(storage_options=storage_options, timeout=timeout, retries=retries,
                                 retry_backoff=retry_backoff, cache_dir=cache_dir, on_error=on_error)
-        resolved = resolve_build(source, self.store)
-        self.shards = resolved.shards
-        self.info = (BuildInfo.from_manifest(resolved.manifest) if resolved.manifest is not None else
-                     BuildInfo(None, None, (), None, None, None, None, complete=False))
+        sources = _mixed_sources(source, weights)
+        self.weights = [float(w) for w in weights] if weights is not None else None
+        resolved = [resolve_build(one, self.store) for one in sources]
+        self.builds = [[dataclasses.replace(shard, source=index) for shard in build.shards]
+                       for index, build in enumerate(resolved)]
+        self.shards = [shard for build in self.builds for shard in build]
+        self.infos = [BuildInfo.from_manifest(build.manifest) if build.manifest is not None else
+                      BuildInfo(None, None, (), None, None, None, None, complete=False) for build in resolved]
+        _require_same_features(self.infos, [build.location for build in resolved])
+        self.info = self.infos[0]
         self.store.sample_format = self.info.sample_format
+        self._fingerprint = builds_fingerprint(self.builds, self.weights)
         self.max_length = max_length or self.info.max_length
         _require(self.max_length is not None and self.max_length >= 1,
                  "pass max_length (the T5 token length the trainer uses) when reading shards without their manifest")
@@ -141,7 +170,9 @@ class ShardReader(IterableDataset):
         self.caption_fields = fields
         self.batch_size = batch_size
         self.real_prompt_ratio = real_prompt_ratio
-        self.decoder = SampleDecoder(fields, real_prompt_ratio, seed, self.info.sample_format)
+        self.decoders = [SampleDecoder(fields, real_prompt_ratio, seed, info.sample_format, source)
+                         for source, info in enumerate(self.infos)]
+        self.decoder = self.decoders[0]
         self.collate = PixArtCollate(max_length=self.max_length, latent=latent, scale_factor=scale_factor, dtype=dtype,
                                      mask_dtype=mask_dtype, caption_padding=caption_padding, layout=layout, seed=seed)
         self.shuffle = shuffle
@@ -154,6 +185,8 @@ class ShardReader(IterableDataset):
         self.epoch = 0
         self._rank = rank
         self._world_size = world_size
+        self._progress: dict[str, int] | None = None  # where the current iteration stands
+        self._resume: dict[str, Any] | None = None  # a loaded state, used by the next iteration
 
     # -- public ------------------------------------------------------------------------------
     @property
@@ -187,7 +220,7 @@ class ShardReader(IterableDataset):
                 raise TypeError("a resampled ShardReader without batches_per_epoch is endless and has no length")
             return self.batches_per_epoch
         _, world = self.distributed()
-        return batches_per_rank(self.shards, self.batch_size, world, self.keep_partial(world))
+        return epoch_batch_count(self.builds, self.weights, self.batch_size, self.keep_partial(world)) // world
 
     def __getstate__(self) -> dict[str, Any]:
         # Spawned DataLoader workers may not see the process group: pin the parent's rank.
@@ -195,58 +228,160 @@ class ShardReader(IterableDataset):
         state["_rank"], state["_world_size"] = self.distributed()
         return state
 
+    def state_dict(self) -> dict[str, Any]:
+        """Where this reader stands: the epoch and the batches it has yielded in it (per
+        DataLoader worker when called there, as ``StatefulDataLoader`` does). JSON-serialisable."""
+        if self._progress is None and self._resume is not None:
+            return dict(self._resume)  # loaded and not iterated yet: still the point to resume from
+        rank, world = self.distributed()
+        progress = self._progress or {"epoch": self.epoch, "batches": 0, "rank": rank, "world_size": world,
+                                      "worker": 0, "num_workers": 1}
+        return {"format": READER_STATE_FORMAT, "version": READER_STATE_VERSION, "builds": self._fingerprint,
+                "seed": self.seed, "batch_size": self.batch_size, "shuffle": self.shuffle,
+                "resampled": self.resampled, **progress}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from ``state_dict()``: the next iteration continues its epoch where it stood."""
+        self._resume = _checked_state(state, self)
+        self.epoch = self._resume["epoch"]
+        self._progress = None
+
     def __iter__(self) -> Iterator[Any]:
         rank, world = self.distributed()
         info = get_worker_info()
         worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
         epoch = self.epoch
+        skip, after = self._resume_point(epoch, rank, world, worker, num_workers)
+        self._progress = {"epoch": epoch, "batches": skip, "rank": rank, "world_size": world,
+                          "worker": worker, "num_workers": num_workers}
         rng = random.Random(derive_seed(self.seed, epoch, rank, worker, "buffer"))
+        replay = _Replay(active=skip > 0)
         if self.resampled:
-            yield from self._iter_resampled(epoch, rank, worker, num_workers, rng)
-            return
-        plan = plan_reader(self.shards, batch_size=self.batch_size, epoch=epoch, seed=self.seed, shuffle=self.shuffle,
-                           rank=rank, world_size=world, worker=worker, num_workers=num_workers,
-                           keep_partial=self.keep_partial(world))
-        if not plan.batches and worker == 0 and rank == 0 and len(self) == 0:
-            log.warning("the build has fewer batches of %d than ranks (%d): every rank yields nothing", self.batch_size, world)
-        yield from self._iter_plan(plan, epoch, rank, world, rng)
+            batches = self._resampled_batches(epoch, rank, worker, num_workers, rng, replay, after)
+        else:
+            plan = plan_builds(self.builds, self.weights, batch_size=self.batch_size, epoch=epoch, seed=self.seed,
+                               shuffle=self.shuffle, rank=rank, world_size=world, worker=worker,
+                               num_workers=num_workers, keep_partial=self.keep_partial(world),
+                               consumed=self._consumed(after, epoch) if after else None)
+            if not plan.batches and worker == 0 and rank == 0 and len(self) == 0:
+                log.warning("the build has fewer batches of %d than ranks (%d): every rank yields nothing",
+                            self.batch_size, world)
+            batches = self._plan_batches(plan, epoch, rank, world, rng, replay)
+        with contextlib.closing(batches):
+            for index, batch in enumerate(batches):
+                if index < skip:
+                    # Replaying up to the resume point: nothing was read for these batches.
+                    replay.active = index < skip - 1
+                    continue
+                self._progress["batches"] = index + 1
+                yield self._emit(batch, epoch)
+
+    def _resume_point(self, epoch: int, rank: int, world: int, worker: int,
+                      num_workers: int) -> tuple[int, tuple[int, int] | None]:
+        """(batches to pass over, (old world size, batches each old rank consumed) or None)."""
+        state, self._resume = self._resume, None
+        if state is None or state["epoch"] != epoch:
+            return 0, None
+        if (state["world_size"], state["num_workers"]) == (world, num_workers):
+            if (state["rank"], state["worker"]) != (rank, worker):
+                raise ShardkitError(f"the reader state was saved by rank {state['rank']} worker {state['worker']}, "
+                                    f"and is loaded by rank {rank} worker {worker}; load each rank's own state")
+            return state["batches"], None
+        if state["num_workers"] != 1:
+            raise ShardkitError(f"the reader state is one of {state['num_workers']} DataLoader workers' states of a "
+                                f"world of {state['world_size']}; resume with the same world size and workers "
+                                f"(StatefulDataLoader), or save the rank's state with num_workers=0 to resume "
+                                f"under another world size")
+        return 0, (state["world_size"], state["batches"])
+
+    def _consumed(self, after: tuple[int, int], epoch: int) -> frozenset[tuple[str, int]]:
+        """The samples every rank of the old layout had trained on: each old rank's first
+        ``batches`` batches, replayed without reading a byte."""
+        old_world, batches = after
+        consumed = set()
+        for rank in range(old_world):
+            plan = plan_builds(self.builds, self.weights, batch_size=self.batch_size, epoch=epoch, seed=self.seed,
+                               shuffle=self.shuffle, rank=rank, world_size=old_world, worker=0, num_workers=1,
+                               keep_partial=self.keep_partial(old_world))
+            rng = random.Random(derive_seed(self.seed, epoch, rank, 0, "buffer"))
+            with contextlib.closing(self._plan_batches(plan, epoch, rank, old_world, rng, _Replay(True))) as replayed:
+                for _, batch in zip(range(batches), replayed):
+                    consumed.update((item.shard.url, item.index) for item in batch)
+        return frozenset(consumed)
 
     # -- reading -----------------------------------------------------------------------------
-    def _piece_samples(self, pieces: Iterable[ShardPiece], epoch: int) -> Iterator[DecodedSample]:
-        want = self.decoder.wanted(epoch)
+    def _piece_samples(self, pieces: Iterable[ShardPiece], epoch: int, replay: "_Replay") -> Iterator[Any]:
         for piece in pieces:
-            shard = piece.shard
-            yield from self.store.samples(shard, piece.start, piece.stop, want,
-                                          lambda raw, bucket=shard.bucket: self.decoder.decode(raw, bucket, epoch),
-                                          self.memory_map)
+            shard, start = piece.shard, piece.start
+            while replay.active and start < piece.stop:
+                yield _Unread(shard, start)
+                start += 1
+            if start < piece.stop:
+                yield from self._read(shard, start, piece.stop, epoch)
 
-    def _emit(self, samples: list[DecodedSample], epoch: int) -> Any:
+    def _read(self, shard: ShardInfo, start: int, stop: int, epoch: int,
+              keep: Callable[[int], bool] | None = None) -> Iterator[Any]:
+        decoder = self.decoders[shard.source]
+
+        def decode(raw):
+            if keep is not None and not keep(raw.index):
+                return raw.index, None
+            sample = decoder.decode(raw, shard.bucket, epoch)
+            return (raw.index, sample) if keep is not None else sample
+
+        return self.store.samples(shard, start, stop, decoder.wanted(epoch), decode, self.memory_map,
+                                  self.infos[shard.source].sample_format)
+
+    def _materialize(self, batch: list[Any], epoch: int) -> list[DecodedSample]:
+        """A batch with the samples passed over while replaying read now (after a resume)."""
+        unread: dict[tuple[str, int], _Unread] = {(item.shard.url, item.index): item for item in batch
+                                                  if isinstance(item, _Unread)}
+        if not unread:
+            return batch
+        read: dict[tuple[str, int], DecodedSample] = {}
+        by_shard: dict[str, list[_Unread]] = defaultdict(list)
+        for item in unread.values():
+            by_shard[item.shard.url].append(item)
+        for items in by_shard.values():
+            shard, wanted = items[0].shard, {item.index for item in items}
+            for index, sample in self._read(shard, min(wanted), max(wanted) + 1, epoch, keep=wanted.__contains__):
+                if sample is not None:
+                    read[shard.url, index] = sample
+        missing = [key for key in unread if key not in read]
+        if missing:
+            raise ShardReadError(f"cannot resume: sample {missing[0][1]} of {missing[0][0]} could not be read again "
+                                 f"({'; '.join(self.stats.failed_shards[-3:]) or 'the shard ended early'})")
+        return [read[item.shard.url, item.index] if isinstance(item, _Unread) else item for item in batch]
+
+    def _emit(self, samples: list[Any], epoch: int) -> Any:
+        samples = self._materialize(samples, epoch)
         self.stats.batches += 1
         self.stats.samples += len(samples)
         return self.collate(samples, epoch)
 
-    def _iter_plan(self, plan: ReaderPlan, epoch: int, rank: int, world: int, rng: random.Random) -> Iterator[Any]:
-        buffers: dict[str, list[DecodedSample]] = defaultdict(list)
+    def _plan_batches(self, plan: ReaderPlan, epoch: int, rank: int, world: int, rng: random.Random,
+                      replay: "_Replay") -> Iterator[list[Any]]:
+        buffers: dict[tuple[int, str], list[Any]] = defaultdict(list)
         emitted: Counter = Counter()
-        last: list[DecodedSample] | None = None
-        with contextlib.closing(self._piece_samples(plan.pieces, epoch)) as stream:
+        last: list[Any] | None = None
+        with contextlib.closing(self._piece_samples(plan.pieces, epoch, replay)) as stream:
             for last in full_batches(shuffled(stream, self.shuffle_buffer, rng), self.batch_size, buffers):
-                emitted[last[0].bucket] += 1
-                yield self._emit(last, epoch)
+                emitted[last[0].group] += 1
+                yield last
 
         full = plan.full_batches(self.batch_size)
         partial = plan.partial_samples(self.batch_size)
-        for bucket in sorted(set(full) | set(partial) | set(buffers), key=float):
-            rest = buffers.get(bucket, [])
-            owed = [self.batch_size] * (full.get(bucket, 0) - emitted[bucket]) + ([partial[bucket]] if bucket in partial else [])
+        for group in sorted(set(full) | set(partial) | set(buffers), key=lambda g: (g[0], float(g[1]))):
+            rest = buffers.get(group, [])
+            owed = [self.batch_size] * (full.get(group, 0) - emitted[group]) + ([partial[group]] if group in partial else [])
             if world == 1:
                 # One process: nothing to keep in step; the tail is yielded as it is, if kept.
                 if rest and self.keep_partial(world):
-                    yield self._emit(rest, epoch)
+                    yield rest
                 continue
             if owed == ([len(rest)] if rest else []):
                 if rest:
-                    yield self._emit(rest, epoch)
+                    yield rest
                 continue
             # Samples were lost with a skipped shard. Every rank must step the same number of
             # times, so the batches owed are made up from samples this reader already holds.
@@ -260,23 +395,28 @@ class ShardReader(IterableDataset):
                     raise ShardReadError(f"rank {rank} read no sample this epoch (every shard it was given failed: "
                                          f"{'; '.join(self.stats.failed_shards[-3:])}); fix or rebuild those shards")
                 self.stats.filled_batches += 1
-                yield self._emit(batch, epoch)
+                yield batch
 
-    def _iter_resampled(self, epoch: int, rank: int, worker: int, num_workers: int, rng: random.Random) -> Iterator[Any]:
+    def _resampled_batches(self, epoch: int, rank: int, worker: int, num_workers: int, rng: random.Random,
+                           replay: "_Replay", after: tuple[int, int] | None) -> Iterator[list[Any]]:
         quota = None
         if self.batches_per_epoch is not None:
-            _, quota = split_evenly(self.batches_per_epoch, num_workers, worker)
+            # Under another layout, each rank draws what every old rank had left of its epoch.
+            per_rank = self.batches_per_epoch - (after[1] if after else 0)
+            _, quota = split_evenly(max(per_rank, 0), num_workers, worker)
             if quota == 0:
                 return
-        draws = random.Random(derive_seed(self.seed, epoch, rank, worker, "resample"))
-        weights = [shard.samples for shard in self.shards]
+        draws = random.Random(derive_seed(self.seed, epoch, rank, worker, "resample", *(after or ())))
+        build_weights = self.weights or [1.0]
+        shard_weights = [[shard.samples for shard in build] for build in self.builds]
 
-        def endless() -> Iterator[DecodedSample]:
+        def endless() -> Iterator[Any]:
             failures_in_a_row = 0
             while True:
-                shard = draws.choices(self.shards, weights)[0]
+                source = draws.choices(range(len(self.builds)), build_weights)[0] if len(self.builds) > 1 else 0
+                shard = draws.choices(self.builds[source], shard_weights[source])[0]
                 got_any = False
-                for sample in self._piece_samples([ShardPiece(shard, 0, shard.samples)], epoch):
+                for sample in self._piece_samples([ShardPiece(shard, 0, shard.samples)], epoch, replay):
                     got_any = True
                     yield sample
                 failures_in_a_row = 0 if got_any else failures_in_a_row + 1
@@ -287,10 +427,88 @@ class ShardReader(IterableDataset):
         done = 0
         with contextlib.closing(endless()) as stream:
             for batch in full_batches(shuffled(stream, self.shuffle_buffer, rng), self.batch_size, defaultdict(list)):
-                yield self._emit(batch, epoch)
+                yield batch
                 done += 1
                 if quota is not None and done >= quota:
                     return
+
+
+READER_STATE_FORMAT = "shardkit-reader-state"
+READER_STATE_VERSION = 1
+_STATE_INTS = ("epoch", "batches", "rank", "world_size", "worker", "num_workers", "seed", "batch_size")
+
+
+@dataclass(frozen=True)
+class _Unread:
+    """A sample passed over while replaying up to a resume point: read only if a batch still takes it."""
+
+    shard: ShardInfo
+    index: int
+
+    @property
+    def group(self) -> tuple[int, str]:
+        return self.shard.source, self.shard.bucket
+
+
+@dataclass
+class _Replay:
+    """Whether the sample stream passes samples over (up to a resume point) or reads them."""
+
+    active: bool
+
+
+def builds_fingerprint(builds: Sequence[Sequence[ShardInfo]], weights: Sequence[float] | None) -> str:
+    """What a reader state is valid for: every shard's name, checksum, count and bucket, and the weights."""
+    digest = hashlib.sha256(json.dumps(weights).encode())
+    for build in builds:
+        for shard in build:
+            digest.update(json.dumps([posixpath.basename(shard.url), shard.sha256, shard.samples, shard.bucket]).encode())
+        digest.update(b"\x1e")
+    return digest.hexdigest()
+
+
+def _checked_state(state: Any, reader: ShardReader) -> dict[str, Any]:
+    if not isinstance(state, dict) or state.get("format") != READER_STATE_FORMAT:
+        raise ShardkitError("this is not a shardkit reader state (ShardReader.state_dict())")
+    if state.get("version") != READER_STATE_VERSION:
+        raise ShardkitError(f"reader state version {state.get('version')!r} is not supported by this shardkit")
+    for name in _STATE_INTS:
+        if type(state.get(name)) is not int or state[name] < 0:
+            raise ShardkitError(f"the reader state's {name!r} is not a non-negative integer")
+    if not (0 <= state["rank"] < state["world_size"] and 0 <= state["worker"] < state["num_workers"]):
+        raise ShardkitError("the reader state's rank or worker is outside its world size or worker count")
+    if state.get("builds") != reader._fingerprint:
+        raise ShardkitError("the reader state was saved for another build, or the build has changed since "
+                            "(shards, checksums or mixing weights differ); start the epoch afresh")
+    for name in ("seed", "batch_size", "shuffle", "resampled"):
+        if state.get(name) != getattr(reader, name):
+            raise ShardkitError(f"the reader state was saved with {name}={state.get(name)!r}, this reader has "
+                                f"{name}={getattr(reader, name)!r}; pass the same value to resume")
+    return dict(state)
+
+
+def _mixed_sources(source: Any, weights: Sequence[float] | None) -> list[Any]:
+    if weights is None:
+        return [source]
+    if isinstance(source, (str, os.PathLike)) or not isinstance(source, Sequence):
+        raise ShardkitError("weights need a list of builds as source, one weight per build")
+    if len(weights) != len(source) or not source:
+        raise ShardkitError(f"{len(source)} builds and {len(weights)} weights: pass one weight per build")
+    if any(not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
+        raise ShardkitError(f"weights must be non-negative numbers, not all zero; got {list(weights)}")
+    return list(source)
+
+
+def _require_same_features(infos: Sequence[BuildInfo], locations: Sequence[str]) -> None:
+    """Mixed builds must give batches of one shape and dtype."""
+    first = infos[0]
+    for info, location in zip(infos[1:], locations[1:]):
+        differ = [f"{name} {getattr(first, name)} vs {getattr(info, name)}"
+                  for name in ("latent_channels", "caption_channels", "max_length", "store_dtype")
+                  if getattr(first, name) != getattr(info, name)]
+        if differ:
+            raise ShardkitError(f"{location} cannot be mixed with {locations[0]}: their features differ "
+                                f"({', '.join(differ)})")
 
 
 def _require(condition: bool, message: str) -> None:

@@ -30,6 +30,12 @@ class DecodedSample:
     caption_field: str
     prompt: str
     caption_feature: np.ndarray  # [L, D]: the valid tokens only
+    source: int = 0  # which of the reader's builds it comes from
+
+    @property
+    def group(self) -> tuple[int, str]:
+        """What the samples of one batch share: the build and the bucket."""
+        return self.source, self.bucket
 
 
 def choose_caption_field(fields: Sequence[str], available: Iterable[str], real_prompt_ratio: float, draw: float) -> str:
@@ -50,6 +56,7 @@ class SampleDecoder:
     real_prompt_ratio: float = 1.0
     seed: int = 0
     sample_format: SampleFormat | None = None
+    source: int = 0  # stamped on every sample it decodes
 
     def caption_draw(self, key: str, epoch: int) -> float:
         """The sample's draw for ``choose_caption_field``; with one field, or a ratio of 0 or 1,
@@ -98,7 +105,8 @@ class SampleDecoder:
                                    f"its .json says {length} tokens")
         height, width = meta["original_hw"]
         return DecodedSample(key=raw.key, bucket=meta["bucket"], original_hw=(height, width), moments=moments,
-                             caption_field=chosen, prompt=meta["captions"][chosen], caption_feature=feature)
+                             caption_field=chosen, prompt=meta["captions"][chosen], caption_feature=feature,
+                             source=self.source)
 
 
 def shuffled(items: Iterator[Any], buffer_size: int, rng: random.Random) -> Iterator[Any]:
@@ -119,10 +127,11 @@ def shuffled(items: Iterator[Any], buffer_size: int, rng: random.Random) -> Iter
 
 
 def full_batches(samples: Iterator[DecodedSample], batch_size: int,
-                 buffers: dict[str, list[DecodedSample]]) -> Iterator[list[DecodedSample]]:
-    """One-bucket batches as soon as a bucket has ``batch_size`` samples; the rest stay in ``buffers``."""
+                 buffers: dict[tuple[int, str], list[DecodedSample]]) -> Iterator[list[DecodedSample]]:
+    """One-bucket batches as soon as a bucket (of one build) has ``batch_size`` samples; the rest
+    stay in ``buffers``, keyed by ``sample.group``."""
     for sample in samples:
-        buffer = buffers[sample.bucket]
+        buffer = buffers[sample.group]
         buffer.append(sample)
         if len(buffer) == batch_size:
             yield list(buffer)

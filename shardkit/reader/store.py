@@ -173,14 +173,16 @@ class ShardStore:
     # -- samples -----------------------------------------------------------------------------
     def samples(self, shard: ShardInfo, start: int = 0, stop: int | None = None,
                 want: Callable[[str, str], bool] | None = None,
-                decode: Callable[[TarSample], Any] | None = None, map_payloads: bool = False) -> Iterator[Any]:
+                decode: Callable[[TarSample], Any] | None = None, map_payloads: bool = False,
+                sample_format: SampleFormat | None = None) -> Iterator[Any]:
         """Samples ``start`` .. ``stop - 1`` of a shard (all of them when ``stop`` is None),
         decoded by ``decode`` (``want``, ``map_payloads``: see ``tario.iter_tar_samples``). A
         transient failure reopens the shard and resumes after the last sample delivered; a shard
-        that stays unreadable follows ``on_error``."""
+        that stays unreadable follows ``on_error``. Member sizes are bounded by ``sample_format``
+        (default: the store's)."""
         delivered = 0
         attempt = 0
-        bounds = member_bounds(self.sample_format, shard.bucket_hw)
+        bounds = member_bounds(sample_format or self.sample_format, shard.bucket_hw)
         while True:
             try:
                 with self.open_shard(shard) as fileobj:

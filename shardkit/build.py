@@ -32,6 +32,7 @@ from .encoders import (EncoderStreams, Encoders, check_encoders_match, load_enco
 from .errors import ShardkitError
 from .images import DecodeJob, DecodeResult, SourceUnavailable, run_decode_job
 from .lookahead import bounded_map
+from .index import INDEX_FILES
 from .manifest import MANIFEST_NAME, Manifest, ShardEntry, read_manifest_at, write_failures, write_manifest
 from .format import declare_from_config, json_bytes, npy_bytes
 from .plan import PlannedRecord, Planner, ShardPlan, Skip, check_caption_fields
@@ -197,6 +198,9 @@ class BuildJob:
         belongs to no rank), so the ranks of a launch can start over at the same time."""
         for name in self.storage.listdir(""):
             if _BUILD_FILE.match(name) and self.ranks.cleans(name):
+                self.storage.remove(name)
+        if self.ranks.rank == 0:
+            for name in INDEX_FILES:  # what `shardkit index` wrote describes the build being deleted
                 self.storage.remove(name)
         if not self.ranks.distributed:
             self.storage.remove("shards")

@@ -29,6 +29,7 @@ from .verify import check_shard
 INDEX_FORMATS = ("wids", "energon")
 WIDS_INDEX_NAME = "wids-index.json"
 ENERGON_FOLDER = ".nv-meta"
+INDEX_FILES = (WIDS_INDEX_NAME, ENERGON_FOLDER)  # in OUTPUT, beside the NAME.tar.idx files in shards/
 ENERGON_SAMPLE_TYPE = {"__module__": "shardkit.energon", "__class__": "ShardkitSample"}
 
 

@@ -123,3 +123,13 @@ def test_an_unfinished_build_is_refused(build_copy):
 def test_energon_index_refuses_another_destination(build_copy, tmp_path):
     result = _index(build_copy, "--format", "energon", "--output", str(tmp_path / "x"))
     assert result.exit_code == 2 and "drop --output" in result.output
+
+
+def test_a_rebuild_with_overwrite_removes_the_old_indexes(build_copy, toy_dataset, make_config, encoders):
+    from shardkit.build import build
+
+    assert _index(build_copy, "--format", "wids").exit_code == 0
+    assert _index(build_copy, "--format", "energon").exit_code == 0
+    build(str(toy_dataset), build_copy, make_config(), overwrite=True, encoders=encoders)
+    assert not (build_copy / "wids-index.json").exists() and not (build_copy / ".nv-meta").exists()
+    assert not list((build_copy / "shards").glob("*.idx"))

@@ -16,7 +16,7 @@ import shutil
 import tempfile
 import time
 from collections import Counter, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -29,12 +29,13 @@ from .distributed import (PART_PATTERN, MergeSummary, RankInfo, check_world_size
                           select_cuda_device, split_records)
 from .encoders import (EncoderStreams, Encoders, check_encoders_match, load_encoders, non_finite_features,
                        resolve_encoder_streams)
-from .errors import ShardkitError
+from .errors import ShardFormatError, ShardkitError
 from .images import DecodeJob, DecodeResult, SourceUnavailable, run_decode_job
 from .lookahead import bounded_map
 from .index import INDEX_FILES
 from .manifest import MANIFEST_NAME, Manifest, ShardEntry, read_manifest_at, write_failures, write_manifest
-from .format import declare_from_config, json_bytes, npy_bytes
+from .format import (EMPTY_CAPTION_FOLDER, EmptyCaption, SampleFormat, declare_from_config, json_bytes,
+                     load_empty_caption, npy_bytes)
 from .plan import PlannedRecord, Planner, ShardPlan, Skip, check_caption_fields
 from .shards import Sample, ShardWriter, WrittenShard, remove_partial_shards
 from .sources import count_records, iter_records, resolve_source
@@ -166,7 +167,8 @@ class BuildJob:
             storage.prepare()  # object storage: checks the bucket, creates nothing
         names = storage.listdir("")
         if not any(name == MANIFEST_NAME or PART_PATTERN.match(name) for name in names):
-            foreign = [name for name in names if name != "shards" and not _BUILD_FILE.match(name)]
+            foreign = [name for name in names if name not in ("shards", EMPTY_CAPTION_FOLDER)
+                       and not _BUILD_FILE.match(name)]
             if foreign:
                 raise ShardkitError(f"OUTPUT {self.output} is not empty and holds no shardkit manifest "
                                     f"(found {', '.join(sorted(foreign)[:3])}); choose an empty folder")
@@ -202,6 +204,7 @@ class BuildJob:
         if self.ranks.rank == 0:
             for name in INDEX_FILES:  # what `shardkit index` wrote describes the build being deleted
                 self.storage.remove(name)
+            self.storage.remove(EMPTY_CAPTION_FOLDER)
         if not self.ranks.distributed:
             self.storage.remove("shards")
             return
@@ -213,10 +216,12 @@ class BuildJob:
         encoders = {"vae": self.encoders.vae.identity.as_json(), "t5": self.encoders.t5.identity.as_json()}
         config = self.config.to_json()
         fresh = Manifest(config=config, encoders=encoders, resolution=self.config.resolution,
-                         buckets=self.table.as_json(), sample_format=declare_from_config(config, encoders).as_json(),
+                         buckets=self.table.as_json(), sample_format=None,
                          distributed={"rank": self.ranks.rank, "world_size": self.ranks.world_size}
                          if self.ranks.distributed else None)
+        declared = declare_from_config(config, encoders)
         if previous is None:
+            fresh.sample_format = self._with_empty_captions(declared, None).as_json()
             return fresh
         for name in ("vae", "t5"):
             old = {k: v for k, v in previous.encoders[name].items() if k != "compute_dtype"}
@@ -235,7 +240,37 @@ class BuildJob:
                 self.storage.remove(entry.path)
         fresh.shards = kept
         fresh.empty_plans = previous.empty_plans
+        fresh.sample_format = self._with_empty_captions(declared, previous).as_json()
         return fresh
+
+    def _with_empty_captions(self, declared: SampleFormat, previous: Manifest | None) -> SampleFormat:
+        """The declaration plus the empty caption's T5 encoding, stored once in OUTPUT (by rank 0 of
+        a multi-rank launch: its part's declaration is the merged one). A resume keeps the stored
+        file while it matches its declaration, so it stays byte-identical however often the build
+        resumes; a missing or damaged one is encoded and written again."""
+        if self.ranks.rank != 0:
+            return declared
+        try:
+            kept = previous.declaration().empty_captions.get("t5") if previous is not None else None
+        except ShardkitError:
+            kept = None
+        if kept is not None:
+            try:
+                size = self.storage.size(kept.path)
+                if size is None or size > kept.max_bytes:
+                    raise ShardFormatError("not there" if size is None else f"{size} bytes, more than its shape needs")
+                load_empty_caption(kept, self.storage.read_bytes(kept.path), declared)
+                return replace(declared, empty_captions={"t5": kept})
+            except (OSError, ShardFormatError) as exc:
+                log.warning("%s is missing or damaged (%s); encoding it again", kept.path, exc)
+        ids = np.asarray(self.encoders.t5.tokenize(""), dtype=np.int32)
+        feature = self.encoders.t5.encode([ids], 1)[0]
+        if not np.isfinite(feature).all():
+            raise ShardkitError(non_finite_detail("the empty caption's T5 encoding", self.encoders, self.config))
+        payload = npy_bytes(feature)
+        entry = EmptyCaption.of("t5", payload)
+        self.storage.write_atomic(entry.path, payload)
+        return replace(declared, empty_captions={"t5": entry})
 
     # ---- the pipeline --------------------------------------------------------------------
     def run(self, progress: Callable[[int], None]) -> BuildSummary:

@@ -15,11 +15,17 @@ its dtype and its shape rule. The manifest carries it (``sample_format``); a man
 before the declaration existed gets the same declaration derived from its config and encoders.
 Arrays are stored as ``.npy`` and loaded without pickle, their header checked before any data is
 touched.
+
+Beside the samples, a build stores the encoding of the empty caption ``""`` once per text
+encoder (``OUTPUT/empty_caption/t5.npy``: its valid rows ``[L, D]``, stored as every caption is):
+trainers that drop captions swap it in. The declaration names it (``EmptyCaption``: path, dtype,
+shape, sha256), and ``load_empty_caption`` checks it against that before it is used.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import json
 import math
@@ -48,6 +54,7 @@ DEFAULT_VAE_DOWNSAMPLE = 8  # manifests that predate the recorded factor were al
 # not one shardkit wrote, and is refused before it is read.
 MAX_TEXT_BYTES = 16 << 20
 MAX_ARRAY_BYTES_UNDECLARED = 1 << 30  # arrays of shards read without their manifest
+EMPTY_CAPTION_FOLDER = "empty_caption"
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # PIL's decompression-bomb limit, the build's default
 NPY_HEADER_BYTES = 1 << 16  # np.save writes ~128; version 1 headers cannot pass 64 KiB
 
@@ -97,6 +104,46 @@ class MemberSpec:
 
 
 @dataclass(frozen=True)
+class EmptyCaption:
+    """The stored encoding of the empty caption for one text encoder (``encoder``: ``t5``): a
+    file of OUTPUT, its valid rows ``[length, D]`` in the store dtype, and its sha256."""
+
+    encoder: str
+    path: str  # relative to OUTPUT
+    dtype: str
+    shape: tuple[int, int]
+    sha256: str
+
+    @property
+    def length(self) -> int:
+        return self.shape[0]
+
+    @property
+    def max_bytes(self) -> int:
+        """The most bytes its file may hold: checked before it is read."""
+        return NPY_HEADER_BYTES + math.prod(self.shape) * np.dtype(self.dtype).itemsize
+
+    def as_json(self) -> dict[str, Any]:
+        return {"path": self.path, "dtype": self.dtype, "shape": list(self.shape), "length": self.length,
+                "sha256": self.sha256, "made_by": f"{self.encoder}: valid token rows of the empty caption \"\""}
+
+    @classmethod
+    def from_json(cls, encoder: str, data: dict[str, Any]) -> "EmptyCaption":
+        shape = tuple(int(d) for d in data["shape"])
+        if len(shape) != 2 or int(data["length"]) != shape[0] or not re.fullmatch(r"[0-9a-f]{64}", str(data["sha256"])):
+            raise ValueError(f"empty caption {encoder!r} has shape {list(shape)} and length {data['length']!r}")
+        return cls(encoder=str(encoder), path=safe_relative_path(data["path"], "the empty caption's path"),
+                   dtype=str(np.dtype(data["dtype"])), shape=shape, sha256=data["sha256"])
+
+    @classmethod
+    def of(cls, encoder: str, payload: bytes) -> "EmptyCaption":
+        """The declaration of ``payload`` (a ``.npy`` of the encoding) stored at its usual path."""
+        header = npy_header(payload, f"the empty caption's {encoder} encoding")
+        return cls(encoder=encoder, path=f"{EMPTY_CAPTION_FOLDER}/{encoder}.npy", dtype=str(header.dtype),
+                   shape=header.shape, sha256=hashlib.sha256(payload).hexdigest())
+
+
+@dataclass(frozen=True)
 class SampleFormat:
     """The declaration of one build's samples (see the module docstring)."""
 
@@ -107,6 +154,8 @@ class SampleFormat:
     keep_images: bool
     members: tuple[MemberSpec, ...]
     free_dims: dict[str, tuple[int | str, int | str]] = field(default_factory=dict)  # "L": (1, "max_length")
+    # Text encoder -> its stored empty-caption encoding; empty in builds made before they were stored.
+    empty_captions: dict[str, EmptyCaption] = field(default_factory=dict)
 
     @property
     def primary(self) -> str:
@@ -164,7 +213,9 @@ class SampleFormat:
         return {"format": FORMAT_NAME, "version": self.version, "key": "member path up to the first dot of its basename",
                 "params": dict(self.params), "store_dtype": self.store_dtype, "captions": list(self.captions),
                 "keep_images": self.keep_images, "free_dims": {k: list(v) for k, v in self.free_dims.items()},
-                "members": [m.as_json() for m in self.members]}
+                "members": [m.as_json() for m in self.members],
+                **({"empty_captions": {name: e.as_json() for name, e in self.empty_captions.items()}}
+                   if self.empty_captions else {})}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "SampleFormat":
@@ -178,7 +229,9 @@ class SampleFormat:
             declared = cls(version=int(data["version"]), params={k: int(v) for k, v in data["params"].items()},
                            store_dtype=str(np.dtype(data["store_dtype"])), captions=tuple(map(str, data["captions"])),
                            keep_images=bool(data["keep_images"]), members=members,
-                           free_dims={k: (v[0], v[1]) for k, v in (data.get("free_dims") or {}).items()})
+                           free_dims={k: (v[0], v[1]) for k, v in (data.get("free_dims") or {}).items()},
+                           empty_captions={str(k): EmptyCaption.from_json(k, v)
+                                           for k, v in (data.get("empty_captions") or {}).items()})
         except ShardkitError:
             raise
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
@@ -394,6 +447,27 @@ def read_npy(payload: bytes | memoryview, what: str) -> np.ndarray:
     count = math.prod(header.shape)
     array = np.frombuffer(payload, dtype=header.dtype, count=count, offset=header.offset)
     return array.reshape(header.shape[::-1]).transpose() if header.fortran_order else array.reshape(header.shape)
+
+
+def load_empty_caption(declared: EmptyCaption, payload: bytes, fmt: SampleFormat) -> np.ndarray:
+    """The stored empty-caption encoding ``[L, D]``, once its bytes match the declared sha256 and
+    it is a finite array of the declared dtype and shape that fits the build's captions; else a
+    ShardFormatError that says what is wrong."""
+    where = f"{declared.path} (the empty caption's {declared.encoder} encoding)"
+    digest = hashlib.sha256(payload).hexdigest()
+    if digest != declared.sha256:
+        raise ShardFormatError(f"{where} has sha256 {digest[:12]}..., the manifest says {declared.sha256[:12]}...")
+    array = read_npy(payload, where)
+    if str(array.dtype) != declared.dtype or declared.dtype != fmt.store_dtype:
+        raise ShardFormatError(f"{where} is {array.dtype}, the manifest says {declared.dtype} and the build stores "
+                               f"{fmt.store_dtype}")
+    hidden, max_length = fmt.params["D"], fmt.params["max_length"]
+    if array.shape != declared.shape or array.shape[1:] != (hidden,) or not 1 <= array.shape[0] <= max_length:
+        raise ShardFormatError(f"{where} is {list(array.shape)}, the manifest says {list(declared.shape)}; captions "
+                               f"of this build are [L, {hidden}] with 1 <= L <= {max_length}")
+    if not np.isfinite(array).all():
+        raise ShardFormatError(f"{where} holds NaN or Inf values")
+    return array
 
 
 # ---- caption padding -----------------------------------------------------------------------

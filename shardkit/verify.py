@@ -20,8 +20,8 @@ from typing import Any, BinaryIO, Callable, Iterator
 import numpy as np
 
 from .errors import ShardFormatError, ShardkitError, ShardTruncatedError
-from .format import (KEY_PATTERN, all_finite, LATENT, METADATA, TEXT, SampleFormat, caption_member, member_bounds,
-                     metadata_problems, parse_metadata, read_npy)
+from .format import (KEY_PATTERN, all_finite, LATENT, METADATA, TEXT, SampleFormat, caption_member, load_empty_caption,
+                     member_bounds, metadata_problems, parse_metadata, read_npy)
 from .manifest import FAILURES_NAME, ShardEntry, ShardSet
 from .shards import TEMP_PREFIX
 from .tario import TAR_INDEX_SUFFIX, TarMembers, tar_index_bytes
@@ -52,6 +52,7 @@ TOKEN_LENGTHS_MISMATCH = "token_lengths_mismatch"
 OVERSIZED_MEMBER = "oversized_member"
 BUILD_INCOMPLETE = "build_incomplete"
 EMPTY_BUILD = "empty_build"
+BAD_EMPTY_CAPTION = "bad_empty_caption"
 # Warnings: worth knowing, no reason to distrust the set.
 PARTIAL_SHARD = "partial_shard"
 STALE_TAR_INDEX = "stale_tar_index"
@@ -469,6 +470,7 @@ class _Verifier:
         elif not manifest.shards:
             self.problem(EMPTY_BUILD, None, None, f"the build holds no samples: every record was skipped (reasons in "
                                                   f"{FAILURES_NAME}); fix the source or the options and rebuild")
+        self._check_empty_captions()
         on_disk = self._list_shard_folder()
         entries = sorted(manifest.shards, key=lambda e: e.path)
         checks: list[ShardCheck] = []
@@ -523,6 +525,21 @@ class _Verifier:
             else:
                 present.add(relative)
         return present
+
+    def _check_empty_captions(self) -> None:
+        """The empty caption's stored encoding: there, no bigger than its shape needs, and matching
+        the declared sha256, dtype and shape, with finite values."""
+        for declared in self.fmt.empty_captions.values():
+            try:
+                size = self.shard_set.storage.size(declared.path)
+                if size is None:
+                    raise ShardFormatError(f"{declared.path} is missing")
+                if size > declared.max_bytes:
+                    raise ShardFormatError(f"{declared.path} is {size} bytes, more than its declared shape needs")
+                load_empty_caption(declared, self.shard_set.storage.read_bytes(declared.path), self.fmt)
+            except (OSError, ShardFormatError) as exc:
+                self.problem(BAD_EMPTY_CAPTION, declared.path, None, f"{exc}; run the same `shardkit build` again "
+                                                                     f"to write it anew")
 
     def _check_keys_across_shards(self, check: ShardCheck) -> None:
         for key in check.keys:

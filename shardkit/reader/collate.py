@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import get_worker_info
 
 from .. import worker_memory
+from ..errors import ShardkitError
 from ..format import pad_caption_feature
 from .epoch import derive_seed
 from .stages import DecodedSample
@@ -121,6 +122,14 @@ class PixArtCollate:
     layout: str = "tuple"
     seed: int = 0
     buffers: "BatchBuffers" = field(default_factory=lambda: BatchBuffers())
+
+    def __post_init__(self) -> None:
+        for name, value, allowed in (("latent", self.latent, LATENT_MODES), ("layout", self.layout, LAYOUTS),
+                                     ("caption_padding", self.caption_padding, CAPTION_PADDINGS)):
+            if value not in allowed:
+                raise ShardkitError(f"{name} must be one of {allowed}, got {value!r}")
+        if not (isinstance(self.max_length, int) and self.max_length >= 1):
+            raise ShardkitError(f"max_length must be a positive integer, got {self.max_length!r}")
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()

@@ -36,7 +36,7 @@ from ..errors import ShardkitError, ShardReadError
 from .collate import CAPTION_PADDINGS, LATENT_MODES, LAYOUTS, PixArtCollate
 from .epoch import ReaderPlan, ShardInfo, ShardPiece, derive_seed, epoch_batch_count, plan_builds, split_evenly
 from .stages import DecodedSample, SampleDecoder, full_batches, shuffled
-from .store import BuildInfo, ReaderStats, ShardStore, resolve_build
+from .store import BuildInfo, ReaderStats, ShardStore, empty_caption, resolve_build
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,9 @@ class ShardReader(IterableDataset):
         caption_fields: one or two caption fields; default the build's first two.
         real_prompt_ratio: probability of the first caption field per sample (PixArt-Σ's
             ``real_prompt_ratio``); the second field is used otherwise, where the sample has it.
+        caption_dropout: probability, per sample and epoch, of swapping its caption for the
+            build's stored encoding of the empty caption (prompt ``""``); needs a build that
+            stores it (``shardkit build`` writes ``OUTPUT/empty_caption/t5.npy``).
         layout: ``"tuple"`` or ``"dict"``.
         shuffle: shuffle the shard order per epoch and samples through a buffer.
         shuffle_buffer: samples held by the shuffle buffer (memory: that many decoded samples).
@@ -130,6 +133,7 @@ class ShardReader(IterableDataset):
                  mask_dtype: torch.dtype = torch.int16, max_length: int | None = None,
                  caption_padding: str = "max_length", caption_fields: Sequence[str] | None = None,
                  real_prompt_ratio: float = 1.0, layout: str = "tuple", shuffle: bool = True, shuffle_buffer: int = 128, seed: int = 0,
+                 caption_dropout: float = 0.0,
                  drop_last: bool | None = None, rank: int | None = None, world_size: int | None = None,
                  resampled: bool = False, batches_per_epoch: int | None = None,
                  storage_options: dict[str, Any] | None = None, cache_dir: str | os.PathLike | None = None,
@@ -170,8 +174,10 @@ class ShardReader(IterableDataset):
         self.caption_fields = fields
         self.batch_size = batch_size
         self.real_prompt_ratio = real_prompt_ratio
-        self.decoders = [SampleDecoder(fields, real_prompt_ratio, seed, info.sample_format, source)
-                         for source, info in enumerate(self.infos)]
+        self.decoders = [SampleDecoder(fields, real_prompt_ratio, seed, info.sample_format, source,
+                                       caption_dropout=caption_dropout,
+                                       empty_caption=empty_caption(build, self.store) if 0 < caption_dropout <= 1 else None)
+                         for source, (info, build) in enumerate(zip(self.infos, resolved))]
         self.decoder = self.decoders[0]
         self.collate = PixArtCollate(max_length=self.max_length, latent=latent, scale_factor=scale_factor, dtype=dtype,
                                      mask_dtype=mask_dtype, caption_padding=caption_padding, layout=layout, seed=seed)

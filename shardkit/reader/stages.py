@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from ..errors import ShardFormatError
+from ..errors import ShardFormatError, ShardkitError
 from ..format import LATENT, METADATA, SampleFormat, caption_member, check_metadata, parse_metadata, read_npy
 from ..tario import TarSample
 from .epoch import derive_seed
@@ -27,8 +27,8 @@ class DecodedSample:
     bucket: str
     original_hw: tuple[int, int]
     moments: np.ndarray  # [2C, h, w]: the posterior mean and std, as stored
-    caption_field: str
-    prompt: str
+    caption_field: str  # "" for a dropped caption
+    prompt: str  # "" for a dropped caption
     caption_feature: np.ndarray  # [L, D]: the valid tokens only
     source: int = 0  # which of the reader's builds it comes from
 
@@ -46,39 +46,61 @@ def choose_caption_field(fields: Sequence[str], available: Iterable[str], real_p
     return fields[0]
 
 
+def _uniform(seed: int) -> float:
+    """A 64-bit hash's top 53 bits as a float in [0, 1): as uniform as Random(seed).random(), and
+    10x cheaper than seeding a generator (draws are taken for the member filter and for decode)."""
+    return (seed >> 11) * 2.0 ** -53
+
+
 @dataclass
 class SampleDecoder:
     """Tar samples -> ``DecodedSample``: metadata checked, the latent and the chosen caption
     field's T5 rows loaded (views of the payloads, no copy), their shapes checked against the
-    metadata. The caption field is drawn per (seed, epoch, key)."""
+    metadata. The caption field is drawn per (seed, epoch, key).
+
+    Caption dropout: with probability ``caption_dropout``, drawn per (seed, epoch, key), a
+    sample's caption is the empty one: its features are ``empty_caption`` (the build's stored
+    encoding of ``""``, ``[L, D]``), its prompt and caption field ``""``."""
 
     caption_fields: tuple[str, ...]
     real_prompt_ratio: float = 1.0
     seed: int = 0
     sample_format: SampleFormat | None = None
     source: int = 0  # stamped on every sample it decodes
+    caption_dropout: float = 0.0
+    empty_caption: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.caption_dropout <= 1.0:
+            raise ShardkitError(f"caption_dropout must be within [0, 1], got {self.caption_dropout}")
+        if self.caption_dropout > 0 and (self.empty_caption is None or self.empty_caption.ndim != 2):
+            raise ShardkitError("caption_dropout needs empty_caption, the [L, D] encoding of the empty caption")
 
     def caption_draw(self, key: str, epoch: int) -> float:
         """The sample's draw for ``choose_caption_field``; with one field, or a ratio of 0 or 1,
         the draw cannot change the choice and 0.0 stands for it."""
         if len(self.caption_fields) < 2 or not 0.0 < self.real_prompt_ratio < 1.0:
             return 0.0
-        # The hash's top 53 bits as a float in [0, 1): as uniform as Random(seed).random(), and
-        # 10x cheaper than seeding a generator (the draw is taken for the filter and for decode).
-        return (derive_seed(self.seed, epoch, key, "caption") >> 11) * 2.0 ** -53
+        return _uniform(derive_seed(self.seed, epoch, key, "caption"))
+
+    def dropped(self, key: str, epoch: int) -> bool:
+        """Whether the sample's caption is dropped this epoch."""
+        return self.caption_dropout > 0 and _uniform(derive_seed(self.seed, epoch, key, "dropout")) < self.caption_dropout
 
     def wanted(self, epoch: int) -> Callable[[str, str], bool]:
         """The members ``decode`` may use: the .json, the latent, the first caption field's T5
-        rows, and the second field's only where the sample's draw may choose it. The image, the
-        .txt and the other caption fields are skipped unread."""
+        rows, and the second field's only where the sample's draw may choose it; no caption rows
+        for a dropped caption. The image, the .txt and the other caption fields are skipped unread."""
         first = caption_member(self.caption_fields[0])
         second = caption_member(self.caption_fields[1]) if len(self.caption_fields) > 1 else None
         ratio = self.real_prompt_ratio
 
         def want(key: str, suffix: str) -> bool:
-            if suffix == METADATA or suffix == LATENT or suffix == first:
+            if suffix == METADATA or suffix == LATENT:
                 return True
-            return suffix == second and self.caption_draw(key, epoch) >= ratio
+            if suffix not in (first, second) or self.dropped(key, epoch):
+                return False
+            return suffix == first or self.caption_draw(key, epoch) >= ratio
 
         return want
 
@@ -93,6 +115,10 @@ class SampleDecoder:
         if moments.ndim != 3 or moments.shape[0] % 2 or list(moments.shape) != meta.get("latent_shape"):
             raise ShardFormatError(f"sample {raw.key!r}: latent shape {list(moments.shape)}, "
                                    f"its .json says {meta.get('latent_shape')} ([2C, h, w])")
+        height, width = meta["original_hw"]
+        if self.dropped(raw.key, epoch):
+            return DecodedSample(key=raw.key, bucket=meta["bucket"], original_hw=(height, width), moments=moments,
+                                 caption_field="", prompt="", caption_feature=self.empty_caption, source=self.source)
         available = [name for name in meta["t5_fields"] if caption_member(name) in raw.members]
         chosen = choose_caption_field(self.caption_fields, available, self.real_prompt_ratio,
                                       self.caption_draw(raw.key, epoch))
@@ -103,7 +129,6 @@ class SampleDecoder:
         if feature.ndim != 2 or feature.shape[0] != length or length < 1:
             raise ShardFormatError(f"sample {raw.key!r}: T5 features of shape {list(feature.shape)}, "
                                    f"its .json says {length} tokens")
-        height, width = meta["original_hw"]
         return DecodedSample(key=raw.key, bucket=meta["bucket"], original_hw=(height, width), moments=moments,
                              caption_field=chosen, prompt=meta["captions"][chosen], caption_feature=feature,
                              source=self.source)

@@ -22,7 +22,9 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterable, Iterator, Sequence
 
 from ..errors import ShardFormatError, ShardIntegrityError, ShardkitError, ShardReadError
-from ..format import SampleFormat, member_bounds, parse_metadata, safe_relative_path
+import numpy as np
+
+from ..format import SampleFormat, load_empty_caption, member_bounds, parse_metadata, safe_relative_path
 from ..manifest import MANIFEST_NAME, Manifest, parse_manifest
 from ..storage import Retry, is_transient, is_url, join_url, local_path, open_read, read_url_bytes
 from ..tario import TarSample, iter_tar_samples
@@ -288,7 +290,7 @@ def _from_manifest(location: str, store: ShardStore) -> ResolvedBuild:
     if manifest.status != "complete":
         log.warning("the build at %s is not complete (status %s): reading the shards written so far",
                     location, manifest.status)
-    base = posixpath.dirname(location) if is_url(location) else str(local_path(location).parent)
+    base = _folder_of(location)
     shards = [ShardInfo(url=join_url(base, safe_relative_path(e.path, "shard path")), bucket=e.bucket,
                         samples=e.samples, sha256=e.sha256, size=e.bytes,
                         bucket_hw=tuple(e.bucket_hw) if _is_hw(e.bucket_hw) else None)
@@ -296,6 +298,38 @@ def _from_manifest(location: str, store: ShardStore) -> ResolvedBuild:
     if not shards:
         raise ShardkitError(f"the build at {location} lists no shard with samples")
     return ResolvedBuild(shards=shards, manifest=manifest, location=location)
+
+
+def empty_caption(resolved: ResolvedBuild, store: ShardStore, encoder: str = "t5") -> np.ndarray:
+    """The build's stored encoding of the empty caption ``[L, D]`` (checked against its manifest),
+    or one ShardkitError that says what to do."""
+    if resolved.manifest is None:
+        raise ShardkitError("caption_dropout needs the build's stored empty caption: pass the build folder or its "
+                            "manifest.json, not a list of shards")
+    fmt = resolved.manifest.declaration()
+    declared = fmt.empty_captions.get(encoder)
+    if declared is None:
+        raise ShardkitError(f"the build at {resolved.location} stores no empty caption (it was made before shardkit "
+                            f"stored one); run the same `shardkit build SOURCE OUTPUT` again: it keeps every shard "
+                            f"and adds it")
+    url = join_url(_folder_of(resolved.location), declared.path)
+
+    def read() -> bytes:
+        with open_read(url, store.storage_options, store.timeout) as fileobj:
+            return fileobj.read(declared.max_bytes + 1)
+
+    try:
+        payload = store.retry.run(read, lambda exc: is_transient(exc, url), store._before_retry(url))
+        if len(payload) > declared.max_bytes:
+            raise ShardFormatError(f"{declared.path} is bigger than its declared shape {list(declared.shape)} needs")
+        return load_empty_caption(declared, payload, fmt)
+    except (OSError, ShardFormatError) as exc:
+        raise ShardkitError(f"cannot use the build's empty caption for caption_dropout: {describe(exc)}; run the "
+                            f"same `shardkit build SOURCE OUTPUT` again to write it anew") from None
+
+
+def _folder_of(manifest_location: str) -> str:
+    return posixpath.dirname(manifest_location) if is_url(manifest_location) else str(local_path(manifest_location).parent)
 
 
 def _is_hw(value: Any) -> bool:

@@ -151,3 +151,24 @@ def test_a_rebuild_writes_the_same_empty_caption(toy_build, toy_dataset, make_co
 def test_a_dropout_outside_0_1_is_one_clear_error(toy_build, probability):
     with pytest.raises(ShardkitError, match=r"caption_dropout must be within \[0, 1\]"):
         ShardReader(toy_build, batch_size=4, caption_dropout=probability)
+
+
+def test_dropout_resumes_mid_epoch_and_mixes_builds_with_their_own_empty_caption(toy_build, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(toy_build, other)
+    options = dict(batch_size=2, weights=[1, 1], layout="dict", caption_dropout=0.3, seed=3, rank=0, world_size=1)
+
+    def seen(batches) -> list[tuple[list[str], list[str]]]:
+        return [(b["keys"], b["prompt"]) for b in batches]
+
+    full = seen(ShardReader([toy_build, other], **options))
+    assert any("" in prompts for _, prompts in full) and any(p for _, prompts in full for p in prompts)
+    reader = ShardReader([toy_build, other], **options)
+    batches = iter(reader)
+    head = seen(next(batches) for _ in range(3))
+    resumed = ShardReader([toy_build, other], **options)
+    resumed.load_state_dict(json.loads(json.dumps(reader.state_dict())))
+    assert head + seen(resumed) == full
+    (other / EMPTY).unlink()
+    with pytest.raises(ShardkitError, match="empty caption"):
+        ShardReader([toy_build, other], **options)

@@ -49,8 +49,8 @@ class WebDatasetStages:
                                 "or its manifest.json")
         fmt = resolved.manifest.declaration()
         fields = tuple(caption_fields) if caption_fields else fmt.captions[:2]
-        self.decoder = SampleDecoder(fields, real_prompt_ratio, seed, fmt, caption_dropout,
-                                     empty_caption(resolved, store) if 0 < caption_dropout <= 1 else None)
+        self.decoder = SampleDecoder(fields, real_prompt_ratio, seed, fmt, caption_dropout=caption_dropout,
+                                     empty_caption=empty_caption(resolved, store) if 0 < caption_dropout <= 1 else None)
         self.collate = PixArtCollate(max_length=max_length or fmt.params["max_length"], latent=latent,
                                      scale_factor=scale_factor, dtype=dtype, mask_dtype=mask_dtype,
                                      caption_padding=caption_padding, layout=layout, seed=seed)

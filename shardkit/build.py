@@ -258,7 +258,8 @@ class BuildJob:
             try:
                 size = self.storage.size(kept.path)
                 if size is None or size > kept.max_bytes:
-                    raise ShardFormatError("not there" if size is None else f"{size} bytes, more than its shape needs")
+                    raise ShardFormatError("it is missing" if size is None else f"it is {size} bytes, more than its "
+                                           f"shape needs")
                 load_empty_caption(kept, self.storage.read_bytes(kept.path), declared)
                 return replace(declared, empty_captions={"t5": kept})
             except (OSError, ShardFormatError) as exc:

@@ -452,21 +452,20 @@ def read_npy(payload: bytes | memoryview, what: str) -> np.ndarray:
 def load_empty_caption(declared: EmptyCaption, payload: bytes, fmt: SampleFormat) -> np.ndarray:
     """The stored empty-caption encoding ``[L, D]``, once its bytes match the declared sha256 and
     it is a finite array of the declared dtype and shape that fits the build's captions; else a
-    ShardFormatError that says what is wrong."""
-    where = f"{declared.path} (the empty caption's {declared.encoder} encoding)"
+    ShardFormatError that says what is wrong (callers name the file)."""
     digest = hashlib.sha256(payload).hexdigest()
     if digest != declared.sha256:
-        raise ShardFormatError(f"{where} has sha256 {digest[:12]}..., the manifest says {declared.sha256[:12]}...")
-    array = read_npy(payload, where)
+        raise ShardFormatError(f"its sha256 is {digest[:12]}..., the manifest says {declared.sha256[:12]}...")
+    array = read_npy(payload, "the file")
     if str(array.dtype) != declared.dtype or declared.dtype != fmt.store_dtype:
-        raise ShardFormatError(f"{where} is {array.dtype}, the manifest says {declared.dtype} and the build stores "
+        raise ShardFormatError(f"it is {array.dtype}, the manifest says {declared.dtype} and the build stores "
                                f"{fmt.store_dtype}")
     hidden, max_length = fmt.params["D"], fmt.params["max_length"]
     if array.shape != declared.shape or array.shape[1:] != (hidden,) or not 1 <= array.shape[0] <= max_length:
-        raise ShardFormatError(f"{where} is {list(array.shape)}, the manifest says {list(declared.shape)}; captions "
+        raise ShardFormatError(f"it is {list(array.shape)}, the manifest says {list(declared.shape)}; captions "
                                f"of this build are [L, {hidden}] with 1 <= L <= {max_length}")
     if not np.isfinite(array).all():
-        raise ShardFormatError(f"{where} holds NaN or Inf values")
+        raise ShardFormatError("it holds NaN or Inf values")
     return array
 
 

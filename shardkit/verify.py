@@ -533,13 +533,14 @@ class _Verifier:
             try:
                 size = self.shard_set.storage.size(declared.path)
                 if size is None:
-                    raise ShardFormatError(f"{declared.path} is missing")
+                    raise ShardFormatError("it is missing")
                 if size > declared.max_bytes:
-                    raise ShardFormatError(f"{declared.path} is {size} bytes, more than its declared shape needs")
+                    raise ShardFormatError(f"it is {size} bytes, more than its declared shape needs")
                 load_empty_caption(declared, self.shard_set.storage.read_bytes(declared.path), self.fmt)
             except (OSError, ShardFormatError) as exc:
-                self.problem(BAD_EMPTY_CAPTION, declared.path, None, f"{exc}; run the same `shardkit build` again "
-                                                                     f"to write it anew")
+                self.problem(BAD_EMPTY_CAPTION, declared.path, None, f"the empty caption's {declared.encoder} "
+                                                                     f"encoding: {exc}; run the same `shardkit build` "
+                                                                     f"again to write it anew")
 
     def _check_keys_across_shards(self, check: ShardCheck) -> None:
         for key in check.keys:

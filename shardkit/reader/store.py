@@ -321,10 +321,11 @@ def empty_caption(resolved: ResolvedBuild, store: ShardStore, encoder: str = "t5
     try:
         payload = store.retry.run(read, lambda exc: is_transient(exc, url), store._before_retry(url))
         if len(payload) > declared.max_bytes:
-            raise ShardFormatError(f"{declared.path} is bigger than its declared shape {list(declared.shape)} needs")
+            raise ShardFormatError(f"it is bigger than its declared shape {list(declared.shape)} needs")
         return load_empty_caption(declared, payload, fmt)
     except (OSError, ShardFormatError) as exc:
-        raise ShardkitError(f"cannot use the build's empty caption for caption_dropout: {describe(exc)}; run the "
+        reason = str(exc) if isinstance(exc, ShardFormatError) else describe(exc)
+        raise ShardkitError(f"cannot use the build's empty caption {url} for caption_dropout: {reason}; run the "
                             f"same `shardkit build SOURCE OUTPUT` again to write it anew") from None
 
 

@@ -92,23 +92,44 @@ def _csv(_ctx, _param, value):
               help="More fsspec options for s3:// (or other URL) SOURCE and OUTPUT, as JSON; never recorded. "
                    "Credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE.")
 @click.option("--overwrite", is_flag=True, help="Delete an existing build in OUTPUT and start over (otherwise a rerun resumes).")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: this process (one rank of it under torchrun or srun); ray: a Ray cluster runs the plan.")
+@click.option("--ray-address", default=None,
+              help="Ray cluster to join (e.g. ray://head:10001, or auto). [default: RAY_ADDRESS, else a local Ray]")
+@click.option("--ray-actors", type=click.IntRange(min=1), default=None,
+              help="Encoder actors. [default: GPUs / --ray-gpus-per-actor on a GPU cluster, else half the CPUs]")
+@click.option("--ray-gpus-per-actor", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="GPUs per encoder actor; 0.5 puts two actors on each GPU.")
 @_user_errors
-def build(source, output, preset, overwrite, resolution, storage_options, **options):
+def build(source, output, preset, overwrite, resolution, storage_options, engine, ray_address, ray_actors,
+          ray_gpus_per_actor, **options):
     """Encode SOURCE into aspect-bucketed shards in OUTPUT.
 
     SOURCE is a PixArt-Σ dataset folder (InternImgs/ + InternData/data_info.json), its InternData
     folder or json file, a .jsonl file with the same fields, or a folder of images with same-stem
     .txt captions. SOURCE and OUTPUT may be s3:// URLs. Running the same command again on an
-    unfinished OUTPUT resumes it. Under torchrun (or srun) each rank builds its share of the
-    records; see docs/scale-out.md.
+    unfinished OUTPUT resumes it, with any number of processes. Under torchrun (or srun) each
+    rank writes its share of the plan's shards; --engine ray runs the plan on a Ray cluster; see
+    docs/scale-out.md.
     """
-    from .build import BuildJob, total_records
-    from .distributed import MergeSummary, discover_ranks, finish_ranks, joined_ranks, part_name
+    from .build import BuildJob
+    from .distributed import discover_ranks, finish_ranks, joined_ranks
     from .report import format_build_summary, progress_bar
     from .storage import parse_storage_options
 
     fs_options = parse_storage_options(storage_options)
     config = make_config(preset, resolution=int(resolution) if resolution else None, **options)
+    if engine == "ray":
+        from .ray_engine import RayOptions, build_on_ray
+
+        ray_options = RayOptions(address=ray_address, actors=ray_actors, gpus_per_actor=ray_gpus_per_actor)
+        summary = build_on_ray(source, output, config, ray_options, overwrite=overwrite, storage_options=fs_options,
+                               progress=config.progress)
+        click.echo(format_build_summary(summary))
+        _refuse_empty(summary)
+        return
+    if ray_address or ray_actors:
+        raise ShardkitError("--ray-address and --ray-actors apply to --engine ray")
     ranks = discover_ranks()
     show_progress = config.progress and ranks.rank == 0  # one bar per launch, not one per rank
     # Status lines fill the seconds before the bar, at a terminal (as the bar itself).
@@ -116,29 +137,31 @@ def build(source, output, preset, overwrite, resolution, storage_options, **opti
     with joined_ranks(ranks) as group:
         job = BuildJob(source, output, config, overwrite=overwrite, storage_options=fs_options, ranks=ranks,
                        announce=announce)
-        if job.resume_note and ranks.rank == 0:
-            click.echo(job.resume_note, err=True)
-        total = total_records(source, config, fs_options, ranks) if show_progress else None
-        with progress_bar(show_progress, total) as advance:
+        job.prepare_plan(group)
+        note = job.resume_note(job.ledger())
+        if note and ranks.rank == 0:
+            click.echo(note, err=True)
+        with progress_bar(show_progress, job.pending_records() if show_progress else None) as advance:
             summary = job.run(advance)
-        summary.merged = finish_ranks(job.storage, ranks, group)
+        summary.merged = finish_ranks(job.ledger(), ranks, group)
     click.echo(format_build_summary(summary))
-    # An empty build is a mistake, not a result (judged on the whole launch, once rank 0 merged).
-    if isinstance(summary.merged, MergeSummary) and summary.merged.samples == 0:
-        raise ShardkitError(f"no sample was written: every record was skipped; see {job.storage.url}/failures.jsonl "
-                            f"for each record's reason")
-    if not ranks.distributed and summary.written == 0:
+    _refuse_empty(summary)
+    if ranks.distributed:
+        if summary.merged is True:
+            click.echo(f"{ranks.describe()}: done ({summary.shards_written} shards); rank 0 wrote the final manifest.json")
+        elif summary.merged is not None or summary.complete:
+            click.echo(f"{ranks.describe()}: done ({summary.shards_written} shards); the build is complete")
+        else:
+            click.echo(f"{ranks.describe()}: done ({summary.shards_written} shards); other processes still write the "
+                       f"rest: whichever finishes last writes the complete manifest.json")
+
+
+def _refuse_empty(summary) -> None:
+    """An empty build is a mistake, not a result (judged once the whole plan is done)."""
+    if summary.complete and summary.written == 0:
         reasons = ", ".join(f"{reason} {count}" for reason, count in summary.skipped_by_reason.items())
         raise ShardkitError(f"no sample was written: every record was skipped ({reasons}); see "
-                            f"{job.storage.url}/failures.jsonl for each record's detail")
-    if ranks.distributed:
-        if summary.merged is None:
-            click.echo(f"{ranks.describe()}: {part_name(ranks.rank)} written; once every rank is done, run "
-                       f"`shardkit merge {job.storage.url}` to write the final manifest.json")
-        elif summary.merged is True:
-            click.echo(f"{ranks.describe()}: done; rank 0 wrote the final manifest.json")
-        else:
-            click.echo(f"{ranks.describe()}: {summary.merged.describe(job.storage.url)}")
+                            f"{summary.output}/failures.jsonl for each record's detail")
 
 
 @main.command("tiny-models")
@@ -238,16 +261,16 @@ def export_command(output, dest, export_format, max_length, images, compress, en
 @click.option("--storage-options", default=None, help="More fsspec options for a URL OUTPUT, as JSON.")
 @_user_errors
 def merge_command(output, endpoint_url, storage_options):
-    """Write OUTPUT/manifest.json from the rank parts of a build launched on several processes.
+    """Write OUTPUT/manifest.json from the shards recorded as done, by hand.
 
-    Needed when the ranks had no rendezvous for the collective finish (Slurm arrays, srun
-    without MASTER_ADDR) or after rerunning a rank that died. Refuses while a rank is unfinished.
+    Workers write it themselves (the last to finish writes the complete one); use this after a
+    worker died or when the manifest is wanted now. Refuses while shards of the plan are missing.
     """
-    from .distributed import merge_parts
+    from .ledger import finish_by_hand
     from .storage import Storage, parse_storage_options, storage_options_for
 
     storage = Storage.for_url(output, storage_options_for(output, endpoint_url, parse_storage_options(storage_options)))
-    click.echo(merge_parts(storage).describe(storage.url))
+    click.echo(finish_by_hand(storage))
 
 
 @main.command("index")

@@ -1,19 +1,15 @@
-"""Builds across processes, GPUs and machines: who am I, which records are mine, joining the parts.
+"""Builds across processes, GPUs and machines: who am I, which shards are mine, the finish.
 
-A launch of N processes (torchrun, or srun under Slurm) splits the records by index: rank r
-takes the records with ``index % N == r``, before planning, so each rank's plans are as
-deterministic as a one-process build's. Each rank writes its own shards (their names carry
-the rank) and its own manifest part, ``manifest.rankRRR.json`` + ``failures.rankRRR.jsonl``,
-recording N. The final ``manifest.json`` covers every rank's shards:
+A launch of N processes (torchrun, or srun under Slurm) executes the one plan of the build
+(planfile.py): rank r writes the shards at plan positions p with ``p % N == r`` that are not
+done yet. Names carry no rank and a shard's bytes depend only on its plan entry, so a launch
+of N may be resumed by a launch of M, or by one process, and the result is the same.
 
-- collective finish: when the launcher set up a rendezvous (MASTER_ADDR / MASTER_PORT, as
-  torchrun does), the ranks join a gloo process group; after the last rank is done, rank 0
-  merges the parts;
-- ``shardkit merge OUTPUT`` merges the parts after the fact (Slurm arrays, launches without a
-  rendezvous, or after rerunning a rank that died).
-
-A rerun with the same N resumes each rank from its part; a different N is refused, because
-the split (and so every plan) depends on N.
+When the launcher set up a rendezvous (MASTER_ADDR / MASTER_PORT, as torchrun does), the ranks
+join a gloo process group: rank 0 plans while the others wait, and at the end every rank waits
+for the others, then rank 0 writes the complete manifest. Without one (Slurm arrays), each
+process plans alone if there is no plan yet (the same plan), and whichever finishes last writes
+the complete manifest; ``shardkit merge OUTPUT`` writes it by hand.
 """
 
 from __future__ import annotations
@@ -21,33 +17,20 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Iterator, Mapping
+from typing import TYPE_CHECKING, Iterator, Mapping
 
-from .config import BuildConfig
 from .errors import ShardkitError
-from .manifest import (FAILURES_NAME, MANIFEST_NAME, Manifest, read_manifest_at, write_failures,
-                       write_manifest)
-from .sources import Record
-from .storage import Storage
+
+if TYPE_CHECKING:
+    from .ledger import Ledger
+    from .manifest import Manifest
 
 log = logging.getLogger(__name__)
 
-PART_PATTERN = re.compile(r"^manifest\.rank(\d{3,})\.json$")
-FAILURES_PART_PATTERN = re.compile(r"^failures\.rank(\d{3,})\.jsonl$")
-_RANK_TAG = re.compile(r"-r(\d{3,})-\d+\.tar$")
 # How long a rank that is done waits for the slowest one at the finish (ranks may differ by hours).
 _RANK_TIMEOUT = timedelta(hours=24)
-
-
-def part_name(rank: int) -> str:
-    return f"manifest.rank{rank:03d}.json"
-
-
-def failures_part_name(rank: int) -> str:
-    return f"failures.rank{rank:03d}.jsonl"
 
 
 @dataclass(frozen=True)
@@ -63,35 +46,8 @@ class RankInfo:
     def distributed(self) -> bool:
         return self.world_size > 1
 
-    @property
-    def manifest_name(self) -> str:
-        return part_name(self.rank) if self.distributed else MANIFEST_NAME
-
-    @property
-    def failures_name(self) -> str:
-        return failures_part_name(self.rank) if self.distributed else FAILURES_NAME
-
     def describe(self) -> str:
         return f"rank {self.rank} of {self.world_size}"
-
-    def shard_name(self, plan_name: str) -> str:
-        """``shards/256x256-00003.tar`` -> ``shards/256x256-r001-00003.tar`` when the launch has several ranks."""
-        if not self.distributed:
-            return plan_name
-        head, index = plan_name.rsplit("-", 1)
-        return f"{head}-r{self.rank:03d}-{index}"
-
-    def cleans(self, name: str) -> bool:
-        """Whether this rank deletes a file of OUTPUT (shard, temp shard or manifest part) when starting over.
-
-        Each rank deletes its own; rank 0 also deletes what belongs to no rank of this launch.
-        Ranks never touch each other's files, so they can start over at the same time.
-        """
-        match = _RANK_TAG.search(name) or PART_PATTERN.match(name) or FAILURES_PART_PATTERN.match(name)
-        owner = int(match.group(1)) if match else None
-        if owner is not None and owner < self.world_size:
-            return owner == self.rank
-        return self.rank == 0
 
 
 def discover_ranks(env: Mapping[str, str] | None = None) -> RankInfo:
@@ -142,132 +98,6 @@ def select_cuda_device(device: str, ranks: RankInfo) -> str | None:
     return f"cuda:{index}"
 
 
-def split_records(records: Iterator[Record], ranks: RankInfo) -> Iterator[Record]:
-    """This rank's records: those with ``index % world_size == rank``.
-
-    Every rank still looks at every record's path (no file is opened), so a path repeated in
-    the source is skipped as ``duplicate_path`` on whichever rank holds the later occurrence,
-    exactly as in a one-process build: the record carries the fact (``repeats_earlier_path``),
-    so it holds however far ahead of the planner this stream runs.
-    """
-    if not ranks.distributed:
-        yield from records
-        return
-    seen: set[str] = set()
-    for record in records:
-        repeated = False
-        if not record.escapes_root:
-            path = record.normalized_path
-            repeated = path in seen
-            seen.add(path)
-        if record.index % ranks.world_size != ranks.rank:
-            continue
-        record.repeats_earlier_path = repeated
-        yield record
-
-
-def _part_ranks(names: list[str]) -> dict[int, str]:
-    return {int(m.group(1)): name for name in names if (m := PART_PATTERN.match(name))}
-
-
-def _recorded_world_size(manifest: Manifest) -> int:
-    return int((manifest.distributed or {}).get("world_size", 1))
-
-
-def check_world_size(storage: Storage, ranks: RankInfo) -> None:
-    """Refuse to resume OUTPUT with a different number of ranks than it was started with."""
-    names = storage.listdir("")
-    parts = _part_ranks(names)
-    recorded = None
-    if parts:
-        recorded = _recorded_world_size(read_manifest_at(storage, parts[min(parts)]))
-        if recorded == ranks.world_size and max(parts) >= recorded:  # a part left by a larger launch
-            recorded = _recorded_world_size(read_manifest_at(storage, parts[max(parts)]))
-    elif MANIFEST_NAME in names:
-        recorded = _recorded_world_size(read_manifest_at(storage, MANIFEST_NAME))
-    if recorded is not None and recorded != ranks.world_size:
-        launch = "one process" if recorded == 1 else f"{recorded} processes (ranks)"
-        now = "one process" if ranks.world_size == 1 else f"{ranks.world_size}"
-        raise ShardkitError(f"OUTPUT {storage.url} was built by {launch} and this launch has {now}: which records "
-                            f"go to which shard depends on the number of ranks, so resume with WORLD_SIZE={recorded} "
-                            f"(torchrun --nproc-per-node x --nnodes, or srun --ntasks), or pass --overwrite to start over")
-
-
-# ---- the final manifest ----------------------------------------------------------------
-
-@dataclass
-class MergeSummary:
-    world_size: int
-    shards: int
-    samples: int
-    records_read: int
-    skipped: int
-    bytes: int
-
-    def describe(self, url: str) -> str:
-        return (f"merged {self.world_size} rank parts into {url}/{MANIFEST_NAME}: {self.samples} samples in "
-                f"{self.shards} shards, {self.skipped} skipped of {self.records_read} records read")
-
-
-def merge_parts(storage: Storage) -> MergeSummary:
-    """Join every rank's manifest part into ``manifest.json`` (+ ``failures.jsonl``) once all are complete."""
-    parts = _part_ranks(storage.listdir(""))
-    if not parts:
-        raise ShardkitError(f"no rank manifests (manifest.rankNNN.json) in {storage.url}: merge joins the parts of a "
-                            f"build launched on several processes")
-    first = read_manifest_at(storage, parts[min(parts)])
-    world_size = _recorded_world_size(first)
-    missing = [r for r in range(world_size) if r not in parts]
-    if missing:
-        raise ShardkitError(f"rank(s) {', '.join(map(str, missing))} of {world_size} left no manifest part in "
-                            f"{storage.url}: they never started or died early; rerun the build with WORLD_SIZE="
-                            f"{world_size} to finish them, then merge")
-    stray = [r for r in parts if r >= world_size]
-    if stray:
-        raise ShardkitError(f"{storage.url} holds manifest parts of ranks {stray}, beyond the world size {world_size} "
-                            f"recorded in the parts: a launch with another number of ranks wrote there; rebuild with "
-                            f"--overwrite")
-    manifests = [first if r == min(parts) else read_manifest_at(storage, parts[r]) for r in range(world_size)]
-    reference = {k: v for k, v in first.config.items() if k not in BuildConfig.RUNTIME_FIELDS}
-    for rank, part in enumerate(manifests):
-        if _recorded_world_size(part) != world_size or (part.distributed or {}).get("rank") != rank:
-            raise ShardkitError(f"{parts[rank]} records {part.distributed}, not rank {rank} of {world_size}; "
-                                f"rebuild with --overwrite")
-        if part.status != "complete":
-            raise ShardkitError(f"rank {rank} of {world_size} has not finished ({parts[rank]} is {part.status}): "
-                                f"rerun the build with WORLD_SIZE={world_size} to resume it, then merge")
-        if {k: v for k, v in part.config.items() if k not in BuildConfig.RUNTIME_FIELDS} != reference or \
-                _encoder_content(part) != _encoder_content(first):
-            raise ShardkitError(f"rank {rank} was built with other options or encoders than rank {min(parts)}; "
-                                f"rebuild with --overwrite")
-    shards = [entry for part in manifests for entry in part.shards]
-    sizes = storage.list_sizes("shards")
-    for rank, part in enumerate(manifests):
-        for entry in part.shards:
-            if sizes.get(entry.path.rsplit("/", 1)[-1]) != entry.bytes:
-                raise ShardkitError(f"{entry.path} listed by rank {rank} is missing or has the wrong size: rerun the "
-                                    f"build with WORLD_SIZE={world_size} to rebuild it, then merge")
-    merged = Manifest(config=first.config, encoders=first.encoders, resolution=first.resolution, buckets=first.buckets,
-                      sample_format=first.sample_format,
-                      shards=shards, empty_plans=[p for part in manifests for p in part.empty_plans],
-                      status="complete", records_read=sum(p.records_read for p in manifests),
-                      plan_skipped=sorted((s for p in manifests for s in p.plan_skipped),
-                                          key=lambda s: (s["index"], s["reason"])),
-                      distributed={"world_size": world_size, "parts": [parts[r] for r in range(world_size)]})
-    # failures first, the manifest last: manifest.json is what says the set is complete.
-    write_failures(storage, merged)
-    write_manifest(storage, merged)
-    data = merged.as_json()
-    return MergeSummary(world_size=world_size, shards=data["totals"]["shards"], samples=data["totals"]["samples"],
-                        records_read=data["records"]["read"], skipped=data["records"]["skipped"],
-                        bytes=data["totals"]["bytes"])
-
-
-def _encoder_content(manifest: Manifest) -> dict:
-    return {name: {k: v for k, v in identity.items() if k != "compute_dtype"}
-            for name, identity in manifest.encoders.items()}
-
-
 # ---- the collective finish ---------------------------------------------------------------
 
 class RankGroup:
@@ -289,8 +119,8 @@ class RankGroup:
         if not ranks.distributed:
             return None
         if not ("MASTER_ADDR" in env and "MASTER_PORT" in env):
-            log.info("%s: no MASTER_ADDR/MASTER_PORT, so no collective finish; run `shardkit merge` when every rank "
-                     "is done", ranks.describe())
+            log.info("%s: no MASTER_ADDR/MASTER_PORT, so no collective finish: the last process to finish writes "
+                     "the complete manifest", ranks.describe())
             return None
         import torch.distributed as dist
 
@@ -314,6 +144,8 @@ class RankGroup:
 
         flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
         dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self._group)
+        if not flag.item():
+            self.finishing = True  # a rank that failed has voted and left: nobody votes again
         return bool(flag.item())
 
     def close(self) -> None:
@@ -348,27 +180,21 @@ def joined_ranks(ranks: RankInfo) -> Iterator[RankGroup | None]:
             group.close()
 
 
-def finish_ranks(storage: Storage, ranks: RankInfo, group: RankGroup | None) -> MergeSummary | bool | None:
-    """After this rank's part is complete: wait for every rank, then rank 0 writes the final manifest.
+def finish_ranks(ledger: "Ledger", ranks: RankInfo, group: RankGroup | None) -> "Manifest | bool | None":
+    """After this rank's shards are done: wait for every rank, then rank 0 writes the complete manifest.
 
-    Returns the merge on rank 0, True on the other ranks once rank 0 has merged, None when
-    there is no collective (the parts stay for ``shardkit merge``).
+    Returns the manifest on rank 0, True on the other ranks once rank 0 has written it, None
+    when there is no rendezvous (the last process to finish has written it, or `shardkit merge`
+    will).
     """
     if group is None:
         return None
     group.finishing = True
     if not group.vote(True):
-        raise ShardkitError(f"{ranks.describe()} is complete, but another rank failed: fix its error and rerun the "
-                            f"same launch to resume (completed shards are kept); the final manifest.json is written "
-                            f"once every rank is done")
-    merged, error = None, None
-    if ranks.rank == 0:
-        try:
-            merged = merge_parts(storage)
-        except ShardkitError as exc:
-            error = exc
-    if not group.vote(error is None):
-        if error is not None:
-            raise error
-        raise ShardkitError(f"rank 0 could not merge the rank parts; run `shardkit merge {storage.url}` to see why")
-    return merged if ranks.rank == 0 else True
+        raise ShardkitError(f"{ranks.describe()} is done, but another rank failed: fix its error and rerun (with any "
+                            f"number of processes) to resume; completed shards are kept")
+    manifest = ledger.publish() if ranks.rank == 0 else None
+    if not group.vote(manifest is None or manifest.status == "complete"):
+        raise ShardkitError(f"shards of the plan are missing after every rank finished; run `shardkit merge "
+                            f"{ledger.storage.url}` to see which")
+    return manifest if ranks.rank == 0 else True

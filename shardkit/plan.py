@@ -209,7 +209,7 @@ class Planner:
         if record.escapes_root:
             return skip(PATH_OUTSIDE_ROOT, f"path {record.path!r} leaves the image root")
         norm = record.normalized_path
-        if record.repeats_earlier_path or norm in self._seen_paths:
+        if norm in self._seen_paths:
             return skip(DUPLICATE_PATH, f"path {record.path!r} was already read earlier in the source")
         self._seen_paths.add(norm)
         key = record.key
@@ -237,10 +237,23 @@ class Planner:
 
         self._seen_keys.add(key)
         bucket = self.table.closest(height, width)
-        token_ids = {name: np.asarray(self.tokenize(text), dtype=np.int32) for name, text in captions.items()}
+        token_ids = self._token_ids(captions)
         return PlannedRecord(record=record, key=key, bucket=bucket, captions=captions, token_ids=token_ids,
                              expected_hw=expected_hw,
                              planned_bytes=self._planned_bytes(record, facts, bucket, token_ids))
+
+    def replan(self, record: Record, bucket: Bucket) -> PlannedRecord:
+        """A record the plan already placed in ``bucket``, made ready to encode again from SOURCE:
+        no lookup, no check (planning made them), the same captions and token ids."""
+        captions = self._captions(record)
+        assert isinstance(captions, dict), "a planned record lost its caption"
+        token_ids = self._token_ids(captions)
+        expected_hw = (record.height, record.width) if record.width is not None and record.height is not None else None
+        return PlannedRecord(record=record, key=record.key, bucket=bucket, captions=captions, token_ids=token_ids,
+                             expected_hw=expected_hw, planned_bytes=0)
+
+    def _token_ids(self, captions: dict[str, str]) -> dict[str, np.ndarray]:
+        return {name: np.asarray(self.tokenize(text), dtype=np.int32) for name, text in captions.items()}
 
     def _captions(self, record: Record) -> dict[str, str] | tuple[str, str]:
         """The caption fields to encode: the first configured field is required, the rest optional."""

@@ -45,8 +45,6 @@ class Record:
     width: int | None = None  # from the metadata; None means "read the image header"
     height: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
-    # Set when an earlier record of the source (possibly on another rank) has the same path.
-    repeats_earlier_path: bool = False
     # Folder sources: the same-stem .txt the first caption field is read from (relative path).
     caption_file: str | None = None
 
@@ -129,19 +127,6 @@ def iter_records(spec: SourceSpec, caption_fields: tuple[str, ...]) -> Iterator[
         yield from _iter_jsonl(spec)
     else:
         yield from _iter_folder(spec, caption_fields[0])
-
-
-def count_records(spec: SourceSpec) -> int | None:
-    """How many records a source holds when that is cheap to know (for the progress bar)."""
-    if spec.kind == "jsonl":
-        with spec.metadata.open("rb") as fh:
-            return sum(1 for line in fh if line.strip())
-    if spec.kind == "folder":  # a listing, no file is opened
-        if isinstance(spec.image_root, RemotePath):
-            return sum(1 for f in spec.image_root.find() if f.lower().endswith(IMAGE_EXTENSIONS))
-        return sum(1 for _, _, files in os.walk(spec.image_root) for name in files
-                   if name.lower().endswith(IMAGE_EXTENSIONS))
-    return None
 
 
 def _iter_json_list(spec: SourceSpec) -> Iterator[Record]:

@@ -57,3 +57,92 @@ def toy_build(tmp_path_factory, toy_dataset, make_config, encoders) -> Path:
     output = tmp_path_factory.mktemp("toy") / "out"
     build(str(toy_dataset), output, make_config(), encoders=encoders)
     return output
+
+
+# ---- builds in child processes (one thread each, as torchrun ranks and Ray actors run) ------------
+
+LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID",
+                    "SLURM_NTASKS", "SLURM_LOCALID", "RAY_ADDRESS")
+
+
+def build_flags(tiny_models: Path) -> list[str]:
+    """The options of ``make_config()``, as command-line flags."""
+    return ["--resolution", "256", "--vae", str(tiny_models), "--vae-subfolder", "vae", "--t5", str(tiny_models),
+            "--device", "cpu", "--dtype", "fp32", "--batch-size", "4", "--t5-batch-size", "8",
+            "--shard-max-count", "8", "--workers", "0", "--no-progress"]
+
+
+def child_env() -> dict[str, str]:
+    """Encoders compute on one thread in every child, so their float rounding is the same everywhere."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    return env
+
+
+def build_command(source: Path, output: Path, tiny_models: Path, processes: int = 1) -> list[str]:
+    """`shardkit build` on one process, or on several under torchrun (gloo rendezvous on 127.0.0.1)."""
+    import sys
+
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes)] \
+        if processes > 1 else [sys.executable]
+    return [*launcher, "-m", "shardkit", "build", str(source), str(output), *build_flags(tiny_models)]
+
+
+def run_build(source: Path, output: Path, tiny_models: Path, processes: int = 1):
+    import subprocess
+
+    result = subprocess.run(build_command(source, output, tiny_models, processes), capture_output=True, text=True,
+                            env=child_env(), timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def output_files(output: Path) -> dict[str, bytes]:
+    """Every file of OUTPUT (shards, plan, manifest, failures, done records) with its bytes."""
+    return {p.relative_to(output).as_posix(): p.read_bytes() for p in sorted(output.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="session")
+def synthetic_dataset(tmp_path_factory) -> Path:
+    """A JSON Lines dataset of 48 small generated images over many buckets, plus records that are
+    skipped (a missing file, a corrupt image, a repeated path), so failures.jsonl has lines."""
+    import json
+    import random
+
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("synthetic")
+    (root / "images").mkdir()
+    rng = random.Random(7)
+    words = "a red cat on the mat under blue sky with two old boats near green hills at dawn".split()
+    lines = []
+    for i in range(48):
+        size = (rng.randint(40, 160), rng.randint(40, 160))
+        Image.new("RGB", size, tuple(rng.randrange(256) for _ in range(3))).save(root / "images" / f"{i:03d}.jpg")
+        lines.append({"path": f"images/{i:03d}.jpg", "prompt": " ".join(rng.choices(words, k=rng.randint(3, 30)))})
+    for name in ("corrupt.jpg", "corrupt-sized.jpg"):
+        (root / "images" / name).write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    lines[10:10] = [{"path": "images/missing.jpg", "prompt": "gone"}]
+    lines[20:20] = [{"path": "images/corrupt.jpg", "prompt": "broken"}]  # skipped while planning (its header)
+    lines[25:25] = [{"path": "images/corrupt-sized.jpg", "width": 64, "height": 64, "prompt": "broken"}]  # at decode
+    lines[30:30] = [dict(lines[5])]
+    (root / "data.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return root / "data.jsonl"
+
+
+@pytest.fixture(scope="session")
+def one_process_builds(tmp_path_factory, tiny_models, toy_dataset, synthetic_dataset):
+    """``builds(name)``: OUTPUT of a one-process `shardkit build` of "toy" or "synthetic", made once."""
+    made: dict[str, Path] = {}
+    sources = {"toy": toy_dataset, "synthetic": synthetic_dataset}
+
+    def builds(name: str) -> Path:
+        if name not in made:
+            output = tmp_path_factory.mktemp(f"one-process-{name}") / "out"
+            run_build(sources[name], output, tiny_models)
+            made[name] = output
+        return made[name]
+
+    builds.sources = sources
+    return builds

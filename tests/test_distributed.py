@@ -1,207 +1,123 @@
-"""Builds split across ranks: torchrun on CPU (gloo), per-rank resume, merge, world-size refusal."""
+"""Builds on several processes: torchrun on CPU (gloo), kill and resume with another number of
+processes, the plan's checks, finishing by hand. Every OUTPUT is compared byte for byte with a
+one-process build."""
 
 from __future__ import annotations
 
-import importlib.util
-import io
 import json
 import os
 import shutil
+import signal
 import subprocess
-import sys
-import tarfile
+import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import build_command, build_flags, child_env, output_files, run_build
 
-from shardkit import shards as shards_module
 from shardkit.build import build
 from shardkit.cli import main
-from shardkit.distributed import RankInfo, discover_ranks, merge_parts
+from shardkit.distributed import RankInfo, discover_ranks
 from shardkit.errors import ShardkitError
-from shardkit.storage import LocalStorage
-
-_LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID",
-                     "SLURM_NTASKS", "SLURM_LOCALID")
+from shardkit.inspect import inspect_output
 
 
-def _build_flags(tiny_models: Path) -> list[str]:
-    """The options of the conftest ``make_config()``, as command-line flags."""
-    return ["--resolution", "256", "--vae", str(tiny_models), "--vae-subfolder", "vae", "--t5", str(tiny_models),
-            "--device", "cpu", "--dtype", "fp32", "--batch-size", "4", "--t5-batch-size", "8",
-            "--shard-max-count", "8", "--workers", "0", "--no-progress"]
+def _assert_sound(output: Path) -> None:
+    report = inspect_output(str(output), verify_shards=True)
+    assert report.exit_code == 0, report.as_json()
 
 
-@pytest.fixture(scope="module")
-def torchrun_build(tmp_path_factory, toy_dataset, tiny_models):
-    """The toy dataset built by `torchrun --nproc-per-node 2 -m shardkit build` on CPU; (OUTPUT, stdout)."""
-    output = tmp_path_factory.mktemp("torchrun") / "out"
-    env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARIABLES}
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "shardkit", "build", str(toy_dataset), str(output), *_build_flags(tiny_models)]
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return output, result.stdout
-
-
-def _samples(output: Path) -> dict[str, dict[str, bytes]]:
-    samples: dict[str, dict[str, bytes]] = {}
-    for shard in sorted((output / "shards").glob("*.tar")):
-        with tarfile.open(shard) as tar:
-            for member in tar.getmembers():
-                key, suffix = member.name.split(".", 1)
-                samples.setdefault(key, {})[suffix] = tar.extractfile(member).read()
-    return samples
-
-
-def _assert_same_sample(got: dict[str, bytes], expected: dict[str, bytes], key: str) -> None:
-    """Equal members; arrays equal up to float rounding (other batch companions, other thread counts)."""
-    assert got.keys() == expected.keys(), key
-    for suffix, payload in expected.items():
-        if suffix.endswith(".npy"):
-            a = np.load(io.BytesIO(got[suffix]), allow_pickle=False)
-            b = np.load(io.BytesIO(payload), allow_pickle=False)
-            assert a.shape == b.shape and a.dtype == b.dtype, (key, suffix)
-            np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), rtol=1e-3, atol=1e-3)
-        else:
-            assert got[suffix] == payload, (key, suffix)
-
-
-def _without_checksums(manifest_file: Path) -> dict:
-    data = json.loads(manifest_file.read_text())
-    for entry in data["shards"]:
-        entry.pop("sha256")
-    return data
-
-
-def _files(output: Path) -> dict[str, bytes]:
-    return {p.relative_to(output).as_posix(): p.read_bytes() for p in sorted(output.rglob("*")) if p.is_file()}
-
-
-def test_two_ranks_build_the_same_samples_as_one_process(torchrun_build, toy_build):
-    output, stdout = torchrun_build
-    assert "rank 0 of 2: merged 2 rank parts" in stdout and "rank 1 of 2: done" in stdout
-    ranked, single = _samples(output), _samples(toy_build)
-    assert ranked.keys() == single.keys() and len(single) == 17
-    for key, members in single.items():
-        _assert_same_sample(ranked[key], members, key)
-
-    manifest = json.loads((output / "manifest.json").read_text())
-    assert manifest["status"] == "complete" and manifest["records"] == {"read": 17, "written": 17, "skipped": 0}
-    assert manifest["distributed"] == {"world_size": 2, "parts": ["manifest.rank000.json", "manifest.rank001.json"]}
-    listed = {entry["path"] for entry in manifest["shards"]}
-    assert listed == {f"shards/{p.name}" for p in (output / "shards").iterdir()}
-    assert {"-r000-", "-r001-"} == {name[name.index("-r"):name.index("-r") + 6] for name in listed}
-    for rank in (0, 1):
-        part = json.loads((output / f"manifest.rank{rank:03d}.json").read_text())
-        assert part["distributed"] == {"rank": rank, "world_size": 2} and part["status"] == "complete"
-        assert all(f"-r{rank:03d}-" in entry["path"] for entry in part["shards"])
-    if importlib.util.find_spec("shardkit.inspect") is not None:
-        from shardkit.inspect import inspect_output
-
-        report = inspect_output(str(output), verify_shards=True)
-        assert report.exit_code == 0, report.as_json()
-
-
-def test_merge_after_the_fact_and_its_refusals(torchrun_build, tmp_path):
+@pytest.mark.parametrize("dataset", ["toy", "synthetic"])
+@pytest.mark.parametrize("processes", [2, 3])
+def test_torchrun_launches_write_the_bytes_of_one_process(dataset, processes, one_process_builds, tiny_models,
+                                                          tmp_path):
+    reference = one_process_builds(dataset)
     output = tmp_path / "out"
-    shutil.copytree(torchrun_build[0], output)
-    merged_by_rank0 = _files(output)
-    for name in ("manifest.json", "failures.jsonl"):
-        (output / name).unlink()
-    result = CliRunner().invoke(main, ["merge", str(output)])
-    assert result.exit_code == 0, result.output
-    assert "merged 2 rank parts" in result.output and "17 samples in 15 shards" in result.output
-    assert _files(output) == merged_by_rank0  # the same manifest as the collective finish wrote
-
-    part = output / "manifest.rank001.json"
-    data = json.loads(part.read_text())
-    data["status"] = "in_progress"
-    part.write_text(json.dumps(data))
-    result = CliRunner().invoke(main, ["merge", str(output)])
-    assert result.exit_code == 2 and "rank 1 of 2 has not finished" in result.output
-    part.unlink()
-    result = CliRunner().invoke(main, ["merge", str(output)])
-    assert result.exit_code == 2 and "rank(s) 1 of 2 left no manifest part" in result.output
+    result = run_build(one_process_builds.sources[dataset], output, tiny_models, processes)
+    assert f"rank 1 of {processes}: done" in result.stdout
+    assert output_files(output) == output_files(reference)
+    assert not any("-r0" in name for name in output_files(output))  # shard names carry no rank
+    _assert_sound(output)
 
 
-def test_a_different_number_of_ranks_is_refused(torchrun_build, toy_build, toy_dataset, make_config, encoders,
-                                                tmp_path, monkeypatch):
-    for name in _LAUNCH_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
-    ranked = tmp_path / "ranked"
-    shutil.copytree(torchrun_build[0], ranked)
-    before = _files(ranked)
-    with pytest.raises(ShardkitError, match="built by 2 processes .*this launch has 3.* WORLD_SIZE=2"):
-        build(str(toy_dataset), ranked, make_config(), encoders=encoders, ranks=RankInfo(rank=2, world_size=3))
-    with pytest.raises(ShardkitError, match="built by 2 processes .*this launch has one process.*--overwrite"):
-        build(str(toy_dataset), ranked, make_config(), encoders=encoders)
-    assert _files(ranked) == before  # nothing touched
-    single = tmp_path / "single"
-    shutil.copytree(toy_build, single)
-    with pytest.raises(ShardkitError, match="built by one process and this launch has 2"):
-        build(str(toy_dataset), single, make_config(), encoders=encoders, ranks=RankInfo(rank=1, world_size=2))
+def test_a_killed_launch_resumes_with_one_and_with_three_processes(one_process_builds, tiny_models, tmp_path):
+    source, reference = one_process_builds.sources["synthetic"], one_process_builds("synthetic")
+    killed = tmp_path / "killed"
+    launch = subprocess.Popen(build_command(source, killed, tiny_models, processes=2), env=child_env(),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while len(list((killed / ".done").glob("*.json"))) < 3 and launch.poll() is None:
+            assert time.monotonic() < deadline, "the launch wrote no shard in time"
+            time.sleep(0.05)
+    finally:
+        os.killpg(launch.pid, signal.SIGKILL)  # torchrun and both ranks at once
+        launch.wait(timeout=60)
+    assert json.loads((killed / "manifest.json").read_text())["status"] == "in_progress"
+    for processes in (1, 3):
+        output = tmp_path / f"resumed-{processes}"
+        shutil.copytree(killed, output)
+        result = run_build(source, output, tiny_models, processes)
+        assert "kept from an earlier run" in result.stdout
+        assert output_files(output) == output_files(reference), f"resumed with {processes}"
+        _assert_sound(output)
 
 
-def test_ranks_resume_on_their_own_and_merge_to_the_torchrun_result(torchrun_build, toy_dataset, make_config,
-                                                                    encoders, tmp_path, monkeypatch):
-    """Ranks run one after the other without a rendezvous (as Slurm array tasks would), rank 1 is
-    interrupted and resumed, then `merge`: the same files as the torchrun launch."""
-    for name in _LAUNCH_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
+def test_a_damaged_or_foreign_plan_is_refused_in_one_line(one_process_builds, tiny_models, tmp_path):
+    toy = tmp_path / "toy"
+    shutil.copytree(one_process_builds("toy"), toy)
+    plan_file = toy / "plan.json"
+    original = plan_file.read_bytes()
+
+    def refusal() -> str:
+        result = CliRunner().invoke(main, ["build", str(one_process_builds.sources["toy"]), str(toy),
+                                           *build_flags(tiny_models)])
+        assert result.exit_code == 2, result.output
+        assert len(result.output.strip().splitlines()) == 1, result.output
+        return result.output
+
+    plan_file.write_bytes(original.replace(b'"shards":[["', b'"shards":[[" ', 1))  # one shard moved elsewhere
+    assert "damaged or was edited" in refusal()
+    plan_file.write_bytes(original[:100])
+    assert "damaged or was edited" in refusal()
+    shutil.copy(one_process_builds("synthetic") / "plan.json", plan_file)  # a sound plan of another source
+    assert "made from another source" in refusal()
+    plan_file.write_bytes(original)
+    result = CliRunner().invoke(main, ["build", str(one_process_builds.sources["toy"]), str(toy),
+                                       *build_flags(tiny_models)])
+    assert result.exit_code == 0 and "13 shards (13 kept from an earlier run)" in result.output
+    assert output_files(toy) == output_files(one_process_builds("toy"))
+
+
+def test_a_changed_source_is_refused_against_the_plan(one_process_builds, make_config, encoders, tmp_path):
+    source = tmp_path / "data.jsonl"
+    lines = one_process_builds.sources["synthetic"].read_text().splitlines(keepends=True)
+    source.write_text("".join(lines))
+    config = make_config(image_root=str(one_process_builds.sources["synthetic"].parent))
     output = tmp_path / "out"
-    config = make_config()
-    rank0 = build(str(toy_dataset), output, config, encoders=encoders, ranks=RankInfo(rank=0, world_size=2))
-    assert rank0.merged is None and not (output / "manifest.json").exists()
-
-    original_add = shards_module.ShardWriter.add
-    added = []
-
-    def interrupted_add(self, sample):
-        added.append(sample.key)
-        if len(added) == 4:
-            raise KeyboardInterrupt
-        return original_add(self, sample)
-
-    monkeypatch.setattr(shards_module.ShardWriter, "add", interrupted_add)
-    with pytest.raises(KeyboardInterrupt):
-        build(str(toy_dataset), output, config, encoders=encoders, ranks=RankInfo(rank=1, world_size=2))
-    monkeypatch.setattr(shards_module.ShardWriter, "add", original_add)
-    with pytest.raises(ShardkitError, match="rank 1 of 2 has not finished"):
-        merge_parts(LocalStorage(output))
-    rank1 = build(str(toy_dataset), output, config, encoders=encoders, ranks=RankInfo(rank=1, world_size=2))
-    assert rank1.shards_reused >= 1 and rank0.written + rank1.written == 17
-    merged = merge_parts(LocalStorage(output))
-    assert (merged.world_size, merged.samples, merged.records_read, merged.skipped) == (2, 17, 17, 0)
-    # The same shards (names, sizes, samples) as the torchrun launch, whose one-thread ranks may round differently.
-    launched = torchrun_build[0]
-    assert sorted(_files(output)) == sorted(_files(launched))
-    for name in ("manifest.json", "manifest.rank000.json", "manifest.rank001.json"):
-        assert _without_checksums(output / name) == _without_checksums(launched / name), name
-    mine, theirs = _samples(output), _samples(launched)
-    assert mine.keys() == theirs.keys()
-    for key in mine:
-        _assert_same_sample(mine[key], theirs[key], key)
+    build(str(source), output, config, encoders=encoders)
+    source.write_text("".join(lines[:-1]))
+    with pytest.raises(ShardkitError, match="made from another source .* or the source changed since"):
+        build(str(source), output, config, encoders=encoders)
 
 
-def test_a_path_repeated_across_ranks_is_skipped_as_in_one_process(toy_dataset, make_config, encoders, tmp_path):
-    items = json.loads((toy_dataset / "InternData" / "data_info.json").read_text())
-    # Index 1 repeats index 0 (other rank), index 4 repeats index 2 (same rank).
-    records = [items[0], items[0], items[1], items[2], items[1]]
-    source = tmp_path / "records.jsonl"
-    source.write_text("".join(json.dumps(r) + "\n" for r in records))
-    config = make_config(image_root=str(toy_dataset / "InternImgs"))
-    build(str(source), tmp_path / "single", config, encoders=encoders)
-    for rank in (0, 1):
-        build(str(source), tmp_path / "ranked", config, encoders=encoders, ranks=RankInfo(rank=rank, world_size=2))
-    merge_parts(LocalStorage(tmp_path / "ranked"))
-    failures = (tmp_path / "ranked" / "failures.jsonl").read_text()
-    assert failures == (tmp_path / "single" / "failures.jsonl").read_text()
-    assert [json.loads(line)["index"] for line in failures.splitlines()] == [1, 4]
-    assert _samples(tmp_path / "ranked").keys() == _samples(tmp_path / "single").keys()
+def test_merge_writes_the_manifest_by_hand_and_refuses_while_shards_are_missing(one_process_builds, tmp_path):
+    output = tmp_path / "out"
+    shutil.copytree(one_process_builds("synthetic"), output)
+    reference = output_files(output)
+    (output / "manifest.json").write_text(json.dumps({**json.loads((output / "manifest.json").read_text()),
+                                                      "status": "in_progress"}))
+    (output / "failures.jsonl").unlink()
+    result = CliRunner().invoke(main, ["merge", str(output)])
+    assert result.exit_code == 0 and result.output.startswith("wrote ") and "manifest.json" in result.output
+    assert output_files(output) == reference
+
+    done = sorted((output / ".done").glob("*.json"))
+    done[0].unlink()
+    result = CliRunner().invoke(main, ["merge", str(output)])
+    assert result.exit_code == 2 and f"1 of {len(done)} planned shards are not done yet" in result.output
+    assert json.loads((output / "manifest.json").read_text())["status"] == "in_progress"
 
 
 def test_rank_discovery_from_torchrun_and_slurm_variables():
@@ -215,11 +131,17 @@ def test_rank_discovery_from_torchrun_and_slurm_variables():
                         ({"RANK": "x", "WORLD_SIZE": "2"}, "not a whole number")]:
         with pytest.raises(ShardkitError, match=needle):
             discover_ranks(bad)
-    rank = RankInfo(rank=1, world_size=2)
-    assert rank.shard_name("shards/256x256-00003.tar") == "shards/256x256-r001-00003.tar"
-    assert RankInfo().shard_name("shards/256x256-00003.tar") == "shards/256x256-00003.tar"
-    assert rank.manifest_name == "manifest.rank001.json" and rank.failures_name == "failures.rank001.jsonl"
-    # Starting over, each rank deletes its own files only; rank 0 also what belongs to no rank of the launch.
-    assert rank.cleans("256x256-r001-00000.tar") and not rank.cleans("256x256-r000-00000.tar")
-    assert not rank.cleans("256x256-00000.tar") and RankInfo(0, 2).cleans("256x256-00000.tar")
-    assert RankInfo(0, 2).cleans("256x256-r003-00000.tar") and RankInfo(0, 2).cleans("manifest.rank005.json")
+
+
+def test_ranks_without_a_rendezvous_share_the_plan_and_the_last_writes_the_manifest(
+        toy_build, toy_dataset, make_config, encoders, tmp_path, monkeypatch):
+    """As Slurm array tasks run: RANK/WORLD_SIZE set by hand, no MASTER_ADDR, one after the other."""
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    output = tmp_path / "out"
+    first = build(str(toy_dataset), output, make_config(), encoders=encoders, ranks=RankInfo(rank=1, world_size=2))
+    assert not first.complete and first.merged is None and 0 < first.shards_written < 13
+    assert json.loads((output / "manifest.json").read_text())["status"] == "in_progress"
+    last = build(str(toy_dataset), output, make_config(), encoders=encoders, ranks=RankInfo(rank=0, world_size=2))
+    assert last.complete and first.shards_written + last.shards_written == 13 and last.written == 17
+    assert output_files(output) == output_files(toy_build)  # built in this process too: the same threads

@@ -101,15 +101,19 @@ def test_a_failed_encoder_load_leaves_no_output_folder(toy_dataset, tiny_models,
     assert not output.exists()
 
 
-def test_folder_and_jsonl_sources_give_the_progress_bar_its_total(tmp_path, make_config):
-    from shardkit.build import total_records
+def test_folder_and_jsonl_sources_give_the_progress_bar_its_total(tmp_path, make_config, encoders, toy_dataset):
+    """The bar's total is the records of the plan's shards still to write (planning's skips are done)."""
+    from shardkit.build import BuildJob
 
     folder = _image_folder(tmp_path / "images", {"a.png": "a", "b.png": "b", "c.png": None})
     (folder / "notes.md").write_text("not an image")
     lines = tmp_path / "data.jsonl"
-    lines.write_text("".join(json.dumps({"path": f"{i}.jpg", "prompt": "x"}) + "\n" for i in range(5)))
-    assert total_records(str(folder), make_config()) == 3
-    assert total_records(str(lines), make_config()) == 5
+    lines.write_text("".join(json.dumps({"path": name, "prompt": "x"}) + "\n"
+                             for name in sorted(p.name for p in (toy_dataset / "InternImgs").iterdir())[:5]))
+    for source, root, total in ((folder, None, 2), (lines, str(toy_dataset / "InternImgs"), 5)):
+        job = BuildJob(str(source), tmp_path / f"out-{source.name}", make_config(image_root=root), encoders=encoders)
+        job.prepare_plan()
+        assert job.pending_records() == total, source
 
 
 # ---- a build that writes nothing fails, and verify says so ---------------------------------

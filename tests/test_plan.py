@@ -9,7 +9,6 @@ import pytest
 import shardkit.plan as plan_module
 from shardkit.buckets import BucketTable
 from shardkit.config import BuildConfig
-from shardkit.distributed import RankInfo, split_records
 from shardkit.images import SourceUnavailable
 from shardkit.plan import DUPLICATE_PATH, ImageFacts, Planner, look_up_image
 from shardkit.sources import Record
@@ -79,9 +78,9 @@ def test_image_size_from_lookup_bounds_the_shard_bytes(tmp_path):
     assert with_images[0] - without[0] > 300_000 > with_images[1] - without[1] > 1000
 
 
-def test_rank_split_duplicates_hold_with_lookahead(tmp_path, monkeypatch):
-    """Rank 0 of 2 holds records 0, 2, 4, ...; records 2 and 4 share a path, and so do 3 (rank 1)
-    and 6 (rank 0). A one-process build writes the first of each and skips the later one."""
+def test_duplicates_hold_with_lookahead(tmp_path, monkeypatch):
+    """Records 2 and 4 share a path, and so do 3 and 6: the first of each is planned, the later one
+    skipped, however far ahead the lookups run."""
     paths = [f"img{i}.jpg" for i in range(12)]
     paths[4] = paths[2]
     paths[6] = paths[3]
@@ -89,11 +88,10 @@ def test_rank_split_duplicates_hold_with_lookahead(tmp_path, monkeypatch):
     monkeypatch.setattr(plan_module, "look_up_image", lambda record, keep_images, max_pixels: ImageFacts())
     for threads in (0, 4):
         planner = _planner(lookup_threads=threads, shard_max_count=1000)
-        planned = [p.record.index for plan in planner.plan(split_records(iter(records), RankInfo(rank=0, world_size=2)))
-                   for p in plan.records]
+        planned = [p.record.index for plan in planner.plan(iter(records)) for p in plan.records]
         skipped = {s.index: s.reason for s in planner.stats.skips}
         assert skipped == {4: DUPLICATE_PATH, 6: DUPLICATE_PATH}, threads
-        assert sorted(planned) == [0, 2, 8, 10], threads
+        assert sorted(planned) == [0, 1, 2, 3, 5, 7, 8, 9, 10, 11], threads
 
 
 def test_each_skip_is_reported_once(tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import secrets
 import shutil
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -36,8 +37,11 @@ def fsync_dir(directory: Path) -> None:
 
 
 def atomic_write_bytes(path: Path, payload: bytes) -> None:
-    """Write to a temporary file, fsync, rename: readers see the old or the new file, never a mix."""
-    temp = path.with_name(f".{path.name}.tmp")
+    """Write to a temporary file, fsync, rename: readers see the old or the new file, never a mix.
+
+    The temporary name is the writer's own: workers of one build may write the manifest at once.
+    """
+    temp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
     with open(temp, "wb") as fh:
         fh.write(payload)
         fh.flush()

@@ -1,0 +1,194 @@
+"""The build plan, computed once and kept in ``OUTPUT/plan.json`` before any pixel is encoded.
+
+The plan says which records go into which shard, in which order, and how a shard's encoder
+batches and T5 batches are cut. It depends only on SOURCE and the config, so any worker (a
+torchrun or Slurm rank, a Ray actor, a lone process, today or after a restart with another
+number of workers) executes any of its shards and writes the same bytes.
+
+The file is compact: per shard its bucket, its number within the bucket and the source indices
+of its records; the records themselves are read again from SOURCE by whoever executes a shard.
+A digest of every record of SOURCE (index, path, captions, width, height) ties the plan to its
+source, and a sha256 over the rest of the file catches any edit: a resume refuses a plan that
+is damaged, edited, or made for another source or config.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator
+
+from .buckets import Bucket, BucketTable
+from .errors import ShardkitError
+from .plan import PlannedRecord, Planner, ShardPlan
+from .sources import Record
+from .storage import Storage
+
+PLAN_NAME = "plan.json"
+PLAN_FORMAT = "shardkit-plan"
+PLAN_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Batching:
+    """How each shard is cut into encoder calls; recorded in the plan, so every worker cuts alike."""
+
+    vae_batch: int  # decoded images per VAE call (a record that fails to decode leaves its place to the next)
+    caption_window: int  # records whose captions are sorted and cut into T5 batches together
+    t5_batch: int  # most captions per T5 call
+
+    def as_json(self) -> dict[str, int]:
+        return {"vae_batch": self.vae_batch, "caption_window": self.caption_window, "t5_batch": self.t5_batch}
+
+
+@dataclass(frozen=True)
+class PlannedShard:
+    bucket: str  # bucket key, e.g. "0.57"
+    index: int  # per bucket, in order of closing
+    records: tuple[int, ...]  # source indices, in shard order
+
+    def name(self, table: BucketTable) -> str:
+        return ShardPlan(bucket=table[self.bucket], index=self.index).name
+
+
+@dataclass
+class BuildPlan:
+    source: dict[str, Any]  # {"records": N, "sha256": digest of every record, "where": for messages}
+    config: dict[str, Any]  # the options that decide the bytes (BuildConfig.content_fields())
+    encoders: dict[str, dict]  # VAE and T5 identities (without the runtime compute dtype)
+    batching: Batching
+    shards: list[PlannedShard]  # in plan order; a shard's position is its claim number
+    skipped: list[dict]  # records skipped while planning (failures.jsonl lines)
+
+    def body(self) -> dict[str, Any]:
+        return {"format": PLAN_FORMAT, "format_version": PLAN_VERSION, "source": self.source, "config": self.config,
+                "encoders": self.encoders, "batching": self.batching.as_json(),
+                "shards": [[s.bucket, s.index, list(s.records)] for s in self.shards], "skipped": self.skipped}
+
+    def to_bytes(self) -> bytes:
+        body = _canonical(self.body())
+        return b'{"sha256":"' + hashlib.sha256(body).hexdigest().encode() + b'","plan":' + body + b"}\n"
+
+    @classmethod
+    def from_bytes(cls, payload: bytes, where: str) -> "BuildPlan":
+        """The plan in ``payload``; a damaged or edited file is refused in one line."""
+        refuse = (f"{where} is damaged or was edited (its sha256 does not match its content); rebuild with "
+                  f"--overwrite")
+        try:
+            outer = json.loads(payload.decode("utf-8"))
+            body = outer["plan"]
+            stored = outer["sha256"]
+        except (UnicodeDecodeError, ValueError, TypeError, KeyError):
+            raise ShardkitError(refuse) from None
+        if not isinstance(body, dict) or hashlib.sha256(_canonical(body)).hexdigest() != stored:
+            raise ShardkitError(refuse)
+        if body.get("format") != PLAN_FORMAT or body.get("format_version") != PLAN_VERSION:
+            raise ShardkitError(f"{where} is not a shardkit plan of version {PLAN_VERSION}; rebuild with --overwrite")
+        try:
+            return cls(source=body["source"], config=body["config"], encoders=body["encoders"],
+                       batching=Batching(**body["batching"]),
+                       shards=[PlannedShard(bucket, int(index), tuple(int(i) for i in records))
+                               for bucket, index, records in body["shards"]],
+                       skipped=list(body["skipped"]))
+        except (KeyError, TypeError, ValueError):
+            raise ShardkitError(refuse) from None
+
+    def refusal(self, other: "BuildPlan", where: str) -> str | None:
+        """Why this plan (read from OUTPUT) cannot serve a build that would plan ``other``; None when it can."""
+        if self.config != other.config:
+            changed = sorted(k for k in set(self.config) | set(other.config) if self.config.get(k) != other.config.get(k))
+            return f"{where} was made with other options ({', '.join(changed)}); use the same options, or --overwrite"
+        if self.encoders != other.encoders:
+            return f"{where} was made with other encoders; use the same --vae and --t5, or --overwrite"
+        if self.batching != other.batching:
+            return f"{where} cuts encoder batches otherwise ({self.batching.as_json()}); rebuild with --overwrite"
+        if {k: self.source[k] for k in ("records", "sha256")} != {k: other.source[k] for k in ("records", "sha256")}:
+            return (f"{where} was made from another source ({self.source['where']}, {self.source['records']} records) "
+                    f"than {other.source['where']} ({other.source['records']} records), or the source changed since; "
+                    f"build into a new OUTPUT, or pass --overwrite")
+        return None
+
+
+def _canonical(data: Any) -> bytes:
+    return json.dumps(data, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+class SourceDigest:
+    """sha256 over every record of SOURCE as the metadata gives it: a changed source changes it."""
+
+    def __init__(self) -> None:
+        self._hash = hashlib.sha256()
+        self.records = 0
+
+    def add(self, record: Record) -> None:
+        self._hash.update(_canonical([record.index, record.path, record.captions, record.width, record.height]))
+        self._hash.update(b"\n")
+        self.records += 1
+
+    def passing(self, records: Iterable[Record]) -> Iterator[Record]:
+        for record in records:
+            self.add(record)
+            yield record
+
+    def as_json(self, where: str) -> dict[str, Any]:
+        return {"records": self.records, "sha256": self._hash.hexdigest(), "where": where}
+
+
+def make_plan(records: Iterable[Record], planner: Planner, where: str, config: dict, encoders: dict,
+              batching: Batching) -> BuildPlan:
+    """Plan every record of SOURCE (every header lookup happens here, none later)."""
+    digest = SourceDigest()
+    shards = [PlannedShard(plan.bucket.key, plan.index, tuple(p.record.index for p in plan.records))
+              for plan in planner.plan(digest.passing(records))]
+    # Skips as a plan read back from its file holds them (keys sorted): the manifest is the same either way.
+    skipped = json.loads(_canonical([s.as_json() for s in planner.stats.skips]))
+    return BuildPlan(source=digest.as_json(where), config=config, encoders=encoders, batching=batching,
+                     shards=shards, skipped=skipped)
+
+
+def describe_source(records: Iterable[Record], where: str) -> dict[str, Any]:
+    """The plan's ``source`` entry of SOURCE as it is now (one pass over its metadata, no image opened)."""
+    digest = SourceDigest()
+    for _ in digest.passing(records):
+        pass
+    return digest.as_json(where)
+
+
+def read_plan(storage: Storage) -> BuildPlan | None:
+    try:
+        payload = storage.read_bytes(PLAN_NAME)
+    except FileNotFoundError:
+        return None
+    return BuildPlan.from_bytes(payload, storage.url_of(PLAN_NAME))
+
+
+def gather_shards(records: Iterable[Record], plan: BuildPlan, positions: Iterable[int], table: BucketTable,
+                  replan: Callable[[Record, Bucket], PlannedRecord]) -> Iterator[ShardPlan]:
+    """The shards at ``positions`` of the plan, with their records read again from SOURCE.
+
+    One pass over the records; a shard is yielded as soon as its last record has been read, so
+    only the shards still being gathered are held.
+    """
+    slots: dict[int, tuple[int, int]] = {}  # source index -> (position, place in the shard)
+    gathered: dict[int, list[PlannedRecord | None]] = {}
+    missing: dict[int, int] = {}
+    for position in positions:
+        shard = plan.shards[position]
+        for place, index in enumerate(shard.records):
+            slots[index] = (position, place)
+        gathered[position] = [None] * len(shard.records)
+        missing[position] = len(shard.records)
+    for record in records:
+        slot = slots.pop(record.index, None)
+        if slot is None:
+            continue
+        position, place = slot
+        shard = plan.shards[position]
+        gathered[position][place] = replan(record, table[shard.bucket])
+        missing[position] -= 1
+        if not missing[position]:
+            yield ShardPlan(bucket=table[shard.bucket], index=shard.index, records=gathered.pop(position))
+    if slots:
+        raise ShardkitError(f"SOURCE ended before record {min(slots)} of the plan: it changed since it was planned; "
+                            f"build into a new OUTPUT, or pass --overwrite")

@@ -377,8 +377,8 @@ class BuildJob:
         done = ledger.done()
         if not done:
             return None
-        samples = sum(record["shard"]["samples"] for record in done.values() if "shard" in record)
-        return (f"resuming {self.output}: {len(done)} of {len(ledger.names)} planned shards ({samples} samples) kept "
+        shards = [record["shard"] for record in done.values() if "shard" in record]
+        return (f"resuming {self.output}: {len(shards)} shards ({sum(s['samples'] for s in shards)} samples) kept "
                 f"from an earlier run; encoding the rest")
 
     # ---- OUTPUT handling -----------------------------------------------------------------

@@ -89,12 +89,12 @@ class ShardActor:
         """The encoders as the manifest records them (their compute dtype is the actor's, not the driver's)."""
         return {"vae": self.encoders.vae.identity.as_json(), "t5": self.encoders.t5.identity.as_json()}
 
-    def write(self, shard: ShardPlan) -> int:
-        """Write one shard of the plan (and its done record); returns how many records it held."""
+    def write(self, shard: ShardPlan) -> tuple[int, int]:
+        """Write one shard of the plan (and its done record); returns its records and the samples written."""
         with staging_folder(self.storage, self.config) as staging:
             executor = ShardExecutor(self.config, self.encoders, self.storage, staging, self.batching)
             executor.execute(self._decoded(shard), progress=lambda n: None)
-        return len(shard.records)
+        return len(shard.records), executor.samples_written
 
     def _decoded(self, shard: ShardPlan) -> Iterator:
         import ray
@@ -134,7 +134,7 @@ def build_on_ray(source: str, output: str | Path, config: BuildConfig, options: 
         ray.init(address=options.address, namespace=NAMESPACE, include_dashboard=False, log_to_driver=False,
                  configure_logging=False)
     actors = []
-    written = 0
+    written = (0, 0)
     try:
         actors = _start_actors(ray, job, options, storage_options)
         job.header.encoders = ray.get(actors[0].identities.remote())
@@ -153,7 +153,8 @@ def build_on_ray(source: str, output: str | Path, config: BuildConfig, options: 
         if started:
             ray.shutdown()
     manifest = ledger.publish()
-    return BuildSummary.of(job.output, manifest, shards_reused=job.shards_reused, shards_written=written,
+    return BuildSummary.of(job.output, manifest, shards_reused=job.shards_reused, shards_written=written[0],
+                           written_this_run=written[1], kept_samples=job.kept_samples,
                            elapsed_s=time.perf_counter() - start)
 
 
@@ -176,19 +177,23 @@ def _start_actors(ray, job: BuildJob, options: RayOptions, storage_options: dict
             for i in range(count)]
 
 
-def _hand_out(ray, actors: list, shards: Iterator[ShardPlan], ledger, advance) -> int:
-    """Give shards to the least busy actor, at most ``_SHARDS_PER_ACTOR`` each; the manifest after each one."""
+def _hand_out(ray, actors: list, shards: Iterator[ShardPlan], ledger, advance) -> tuple[int, int]:
+    """Give shards to the least busy actor, at most ``_SHARDS_PER_ACTOR`` each; the manifest after each one.
+
+    Returns the shards and the samples written."""
     in_flight: dict[Any, int] = {}  # task -> actor index
     load = [0] * len(actors)
-    written = 0
+    shards_written = samples_written = 0
 
     def collect(timeout: float | None) -> None:
-        nonlocal written
+        nonlocal shards_written, samples_written
         ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=timeout)
         for ref in ready:
             load[in_flight.pop(ref)] -= 1
-            advance(ray.get(ref))
-            written += 1
+            records, samples = ray.get(ref)
+            advance(records)
+            shards_written += 1
+            samples_written += samples
             ledger.publish()
 
     for shard in shards:
@@ -199,4 +204,4 @@ def _hand_out(ray, actors: list, shards: Iterator[ShardPlan], ledger, advance) -
         load[index] += 1
     while in_flight:
         collect(None)
-    return written
+    return shards_written, samples_written

@@ -470,16 +470,14 @@ class BuildJob:
         plan = read_plan(self.storage)
         if plan is not None:
             # One pass over SOURCE's metadata (no image is opened): the plan must be of this source.
-            expected = self._new_plan(describe_source(iter_records(self.spec, self.config.captions),
-                                                      self.spec.describe()), [], [])
-            refusal = plan.refusal(expected, self.storage.url_of(PLAN_NAME))
+            expected = self._new_plan(describe_source(iter_records(self.spec, self.config.captions)), [], [])
+            refusal = plan.refusal(expected, self.storage.url_of(PLAN_NAME), self.spec.describe())
             if refusal is not None:
                 raise ShardkitError(refusal)
         else:
             start = time.perf_counter()
             plan = make_plan(iter_records(self.spec, self.config.captions), self._planner(lookup_threads=True),
-                             self.spec.describe(), self.config.content_fields(), self._encoder_identities(),
-                             self._batching())
+                             self.config.content_fields(), self._encoder_identities(), self._batching())
             log.info("planned %d records into %d shards in %.1fs", plan.source["records"], len(plan.shards),
                      time.perf_counter() - start)
             self.storage.write_atomic(PLAN_NAME, plan.to_bytes())

@@ -54,7 +54,7 @@ class PlannedShard:
 
 @dataclass
 class BuildPlan:
-    source: dict[str, Any]  # {"records": N, "sha256": digest of every record, "where": for messages}
+    source: dict[str, Any]  # {"records": N, "sha256": digest of every record}; not where it lives
     config: dict[str, Any]  # the options that decide the bytes (BuildConfig.content_fields())
     encoders: dict[str, dict]  # VAE and T5 identities (without the runtime compute dtype)
     batching: Batching
@@ -94,8 +94,9 @@ class BuildPlan:
         except (KeyError, TypeError, ValueError):
             raise ShardkitError(refuse) from None
 
-    def refusal(self, other: "BuildPlan", where: str) -> str | None:
-        """Why this plan (read from OUTPUT) cannot serve a build that would plan ``other``; None when it can."""
+    def refusal(self, other: "BuildPlan", where: str, source_name: str) -> str | None:
+        """Why this plan (read from OUTPUT) cannot serve a build that would plan ``other`` from
+        ``source_name``; None when it can."""
         if self.config != other.config:
             changed = sorted(k for k in set(self.config) | set(other.config) if self.config.get(k) != other.config.get(k))
             return f"{where} was made with other options ({', '.join(changed)}); use the same options, or --overwrite"
@@ -103,10 +104,10 @@ class BuildPlan:
             return f"{where} was made with other encoders; use the same --vae and --t5, or --overwrite"
         if self.batching != other.batching:
             return f"{where} cuts encoder batches otherwise ({self.batching.as_json()}); rebuild with --overwrite"
-        if {k: self.source[k] for k in ("records", "sha256")} != {k: other.source[k] for k in ("records", "sha256")}:
-            return (f"{where} was made from another source ({self.source['where']}, {self.source['records']} records) "
-                    f"than {other.source['where']} ({other.source['records']} records), or the source changed since; "
-                    f"build into a new OUTPUT, or pass --overwrite")
+        if self.source != other.source:
+            return (f"{where} was made from another source ({self.source['records']} records) than {source_name} "
+                    f"({other.source['records']} records), or the source changed since; build into a new OUTPUT, "
+                    f"or pass --overwrite")
         return None
 
 
@@ -131,11 +132,12 @@ class SourceDigest:
             self.add(record)
             yield record
 
-    def as_json(self, where: str) -> dict[str, Any]:
-        return {"records": self.records, "sha256": self._hash.hexdigest(), "where": where}
+    def as_json(self) -> dict[str, Any]:
+        # Where SOURCE lives is left out: the same records read from a bucket or a disk plan alike.
+        return {"records": self.records, "sha256": self._hash.hexdigest()}
 
 
-def make_plan(records: Iterable[Record], planner: Planner, where: str, config: dict, encoders: dict,
+def make_plan(records: Iterable[Record], planner: Planner, config: dict, encoders: dict,
               batching: Batching) -> BuildPlan:
     """Plan every record of SOURCE (every header lookup happens here, none later)."""
     digest = SourceDigest()
@@ -143,16 +145,16 @@ def make_plan(records: Iterable[Record], planner: Planner, where: str, config: d
               for plan in planner.plan(digest.passing(records))]
     # Skips as a plan read back from its file holds them (keys sorted): the manifest is the same either way.
     skipped = json.loads(_canonical([s.as_json() for s in planner.stats.skips]))
-    return BuildPlan(source=digest.as_json(where), config=config, encoders=encoders, batching=batching,
+    return BuildPlan(source=digest.as_json(), config=config, encoders=encoders, batching=batching,
                      shards=shards, skipped=skipped)
 
 
-def describe_source(records: Iterable[Record], where: str) -> dict[str, Any]:
+def describe_source(records: Iterable[Record]) -> dict[str, Any]:
     """The plan's ``source`` entry of SOURCE as it is now (one pass over its metadata, no image opened)."""
     digest = SourceDigest()
     for _ in digest.passing(records):
         pass
-    return digest.as_json(where)
+    return digest.as_json()
 
 
 def read_plan(storage: Storage) -> BuildPlan | None:

@@ -19,7 +19,6 @@ be installed on every node.
 from __future__ import annotations
 
 import hashlib
-import logging
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -36,8 +35,6 @@ from .plan import ShardPlan
 from .planfile import Batching
 from .report import progress_bar
 from .storage import Storage, storage_options_for
-
-log = logging.getLogger(__name__)
 
 # Shards handed to one actor at a time: one being written, one waiting, so an actor never idles
 # while the driver hands out the next.
@@ -97,8 +94,7 @@ class ShardActor:
         return len(shard.records), executor.samples_written
 
     def _decoded(self, shard: ShardPlan) -> Iterator:
-        import ray
-
+        """The shard's decoded records in order, decoded in Ray tasks a window of chunks ahead."""
         jobs = list(decode_jobs([shard], self.config, self.lanczos))
         size = self.batching.vae_batch
         chunks = deque()
@@ -185,9 +181,9 @@ def _hand_out(ray, actors: list, shards: Iterator[ShardPlan], ledger, advance) -
     load = [0] * len(actors)
     shards_written = samples_written = 0
 
-    def collect(timeout: float | None) -> None:
+    def collect() -> None:
         nonlocal shards_written, samples_written
-        ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=timeout)
+        ready, _ = ray.wait(list(in_flight), num_returns=1)
         for ref in ready:
             load[in_flight.pop(ref)] -= 1
             records, samples = ray.get(ref)
@@ -198,10 +194,10 @@ def _hand_out(ray, actors: list, shards: Iterator[ShardPlan], ledger, advance) -
 
     for shard in shards:
         while min(load) >= _SHARDS_PER_ACTOR:
-            collect(None)
+            collect()
         index = load.index(min(load))
         in_flight[actors[index].write.remote(shard)] = index
         load[index] += 1
     while in_flight:
-        collect(None)
+        collect()
     return shards_written, samples_written

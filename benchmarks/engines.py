@@ -69,7 +69,7 @@ def main() -> None:
     from shardkit.config import BuildConfig
     from shardkit.encoders import load_encoders
     from shardkit.ray_engine import RayOptions, build_on_ray
-    from shardkit.tiny_models import write_tiny_models
+    from shardkit.testing.tiny_models import write_tiny_models
 
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)

@@ -36,9 +36,11 @@ from .config import BuildConfig
 from .distributed import RankGroup, RankInfo, finish_ranks, joined_ranks, select_cuda_device
 from .encoders import (EncoderStreams, Encoders, check_encoders_match, load_encoders, non_finite_features,
                        resolve_encoder_streams)
-from .errors import ShardkitError
-from .format import declare_from_config, json_bytes, npy_bytes
+from .errors import ShardFormatError, ShardkitError
+from .format import (EMPTY_CAPTION_FOLDER, NPY_HEADER_BYTES, EmptyCaption, SampleFormat, declare_from_config,
+                     json_bytes, load_empty_caption, npy_bytes)
 from .images import DecodeJob, DecodeResult, SourceUnavailable, run_decode_job
+from .index import INDEX_FILES
 from .ledger import DONE_DIR, Ledger, record_empty, record_shard
 from .lookahead import bounded_map
 from .manifest import MANIFEST_NAME, Manifest, ShardEntry, read_manifest_at
@@ -368,6 +370,7 @@ class BuildJob:
         self.encoders = encoders
         self._prepare_output(overwrite)
         self.header = self._open_manifest(previous)
+        self.previous = previous
         self.plan: BuildPlan | None = None
         self.shards_reused = 0
         self.kept_samples = 0
@@ -398,7 +401,8 @@ class BuildJob:
             storage.prepare()  # object storage: checks the bucket, creates nothing
         names = storage.listdir("")
         if not any(name in (MANIFEST_NAME, PLAN_NAME) for name in names):
-            foreign = [name for name in names if name not in ("shards", DONE_DIR) and not _BUILD_FILE.match(name)]
+            foreign = [name for name in names if name not in ("shards", DONE_DIR, EMPTY_CAPTION_FOLDER)
+                       and not _BUILD_FILE.match(name)]
             if foreign:
                 raise ShardkitError(f"OUTPUT {self.output} is not empty and holds no shardkit manifest "
                                     f"(found {', '.join(sorted(foreign)[:3])}); choose an empty folder")
@@ -421,7 +425,7 @@ class BuildJob:
             self._start_over()  # the others wait for rank 0 at the plan (RankGroup.vote)
         if storage.is_local and self._cleans_up():
             remove_partial_shards(storage.root)
-            for folder in (storage.root, storage.root / DONE_DIR):
+            for folder in (storage.root, storage.root / DONE_DIR, storage.root / EMPTY_CAPTION_FOLDER):
                 for temp in folder.glob(".*.tmp"):
                     temp.unlink(missing_ok=True)
 
@@ -434,11 +438,13 @@ class BuildJob:
         return not self.ranks.distributed or (self.ranks.rank == 0 and _rendezvous_expected())
 
     def _start_over(self) -> None:
-        """--overwrite: delete the earlier build (plan, manifest, failures, done records, shards)."""
+        """--overwrite: delete the earlier build (plan, manifest, failures, done records, the empty
+        caption, shards) and what `shardkit index` wrote for it."""
         for name in self.storage.listdir(""):
             if _BUILD_FILE.match(name):
                 self.storage.remove(name)
-        self.storage.remove(DONE_DIR)
+        for name in (DONE_DIR, EMPTY_CAPTION_FOLDER, *INDEX_FILES):
+            self.storage.remove(name)
         self.storage.remove("shards")
 
     def _open_manifest(self, previous: Manifest | None) -> Manifest:
@@ -474,7 +480,9 @@ class BuildJob:
             refusal = plan.refusal(expected, self.storage.url_of(PLAN_NAME), self.spec.describe())
             if refusal is not None:
                 raise ShardkitError(refusal)
-        else:
+        # Before the plan: a plan in OUTPUT means its empty caption was stored by the same encoders.
+        self.header.sample_format = self._with_empty_caption(plan is not None, group is not None).as_json()
+        if plan is None:
             start = time.perf_counter()
             plan = make_plan(iter_records(self.spec, self.config.captions), self._planner(lookup_threads=True),
                              self.config.content_fields(), self._encoder_identities(), self._batching())
@@ -485,6 +493,57 @@ class BuildJob:
             raise ShardkitError(f"{self.ranks.describe()}: another rank failed before the build began (see its error)")
         self.plan = plan
         return plan
+
+    def _with_empty_caption(self, planned: bool, rendezvous: bool) -> SampleFormat:
+        """The declaration plus the empty caption's T5 encoding, stored once in OUTPUT.
+
+        Whoever plans (rank 0 of a rendezvous, the Ray driver, a lone process) stores it before
+        the plan. Once planned it is kept while it is whole, so it stays byte-identical however
+        often and with however many workers the build resumes; a missing or damaged one is
+        encoded and stored again. Ranks that waited for rank 0 take what it stored.
+        """
+        declared = self.header.declaration()
+        if planned:
+            kept = self._stored_empty_caption(declared, follows_rank0=rendezvous and self.ranks.rank != 0)
+            if kept is not None:
+                return replace(declared, empty_captions={"t5": kept})
+        ids = np.asarray(self.encoders.t5.tokenize(""), dtype=np.int32)
+        feature = self.encoders.t5.encode([ids], 1)[0]
+        if not np.isfinite(feature).all():
+            raise ShardkitError(non_finite_detail("the empty caption's T5 encoding", self.encoders, self.config))
+        payload = npy_bytes(feature)
+        entry = EmptyCaption.of("t5", payload)
+        self.storage.write_atomic(entry.path, payload)
+        return replace(declared, empty_captions={"t5": entry})
+
+    def _stored_empty_caption(self, declared: SampleFormat, follows_rank0: bool) -> EmptyCaption | None:
+        """The stored empty caption when it is whole, checked against the earlier manifest's
+        declaration (its sha256) when there is one, else against the build's caption shape; None
+        when it must be encoded again. Ranks that follow rank 0 check the file rank 0 just stored."""
+        try:
+            listed = None if follows_rank0 or self.previous is None else \
+                self.previous.declaration().empty_captions.get("t5")
+        except ShardkitError:
+            listed = None
+        path = f"{EMPTY_CAPTION_FOLDER}/t5.npy"
+        itemsize = np.dtype(declared.store_dtype).itemsize
+        limit = (listed.max_bytes if listed is not None
+                 else NPY_HEADER_BYTES + declared.params["max_length"] * declared.params["D"] * itemsize)
+        try:
+            size = self.storage.size(path)
+            if size is None:
+                if listed is not None:
+                    log.warning("%s is missing; encoding it again", path)
+                return None
+            if size > limit:
+                raise ShardFormatError(f"it is {size} bytes, more than its shape needs")
+            payload = self.storage.read_bytes(path)
+            entry = listed if listed is not None else EmptyCaption.of("t5", payload)
+            load_empty_caption(entry, payload, declared)
+            return entry
+        except (OSError, ShardFormatError) as exc:
+            log.warning("%s is missing or damaged (%s); encoding it again", path, exc)
+            return None
 
     def _new_plan(self, source: dict, shards: list, skipped: list) -> BuildPlan:
         return BuildPlan(source=source, config=self.config.content_fields(), encoders=self._encoder_identities(),

@@ -99,7 +99,7 @@ def run_build(source: Path, output: Path, tiny_models: Path, processes: int = 1)
 
 
 def output_files(output: Path) -> dict[str, bytes]:
-    """Every file of OUTPUT (shards, plan, manifest, failures, done records) with its bytes."""
+    """Every file of OUTPUT (shards, plan, manifest, failures, done records, empty caption) with its bytes."""
     return {p.relative_to(output).as_posix(): p.read_bytes() for p in sorted(output.rglob("*")) if p.is_file()}
 
 

@@ -1,0 +1,92 @@
+"""Batched text encoding shared by the family adapters.
+
+Two shapes of work, as the pipelines do it:
+
+* masked (PixArt's T5, Sana's Gemma-2): the pipeline passes the attention mask, so the valid
+  tokens' outputs do not depend on how much padding follows them. Captions are tokenised alone,
+  sorted by length and cut into batches padded only to their longest caption
+  (`encoders.length_batches`); the valid rows are kept.
+* fixed (every CLIP, SD3's and Flux's T5): the pipeline encodes ``padding="max_length"`` with no
+  mask, so every padded row is part of its output and depends on the padding; captions are
+  encoded exactly so, in plain chunks.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+
+from ..encoders import T5_CALL_COST_TOKENS, _split_on_oom, length_batches
+
+# Valid rows of one caption: (hidden states [W, D] of its batch row, its token count) -> [L, D].
+RowSelect = Callable[[torch.Tensor, int], torch.Tensor]
+
+
+def first_rows(hidden: torch.Tensor, length: int) -> torch.Tensor:
+    return hidden[:length]
+
+
+def token_ids(tokenizer, texts: Sequence[str], max_length: int) -> list[list[int]]:
+    """Token ids of each text as the pipeline's ``padding="max_length"`` call gives them, minus the padding."""
+    return tokenizer(list(texts), max_length=max_length, truncation=True, add_special_tokens=True)["input_ids"]
+
+
+def encode_masked(model, ids: Sequence[Sequence[int]], pad_id: int, device: torch.device, batch_size: int,
+                  select: RowSelect = first_rows) -> list[torch.Tensor]:
+    """Each caption's selected rows of ``model(input_ids, attention_mask)[0]``, in input order."""
+    rows: list[torch.Tensor | None] = [None] * len(ids)
+
+    def run(batch: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        width = max(len(item) for item in batch)
+        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, item in enumerate(batch):
+            input_ids[row, :len(item)] = torch.as_tensor(item, dtype=torch.long)
+            mask[row, :len(item)] = 1
+        with torch.inference_mode():
+            hidden = model(input_ids.to(device), attention_mask=mask.to(device))[0]
+        return [select(hidden[row], len(item)) for row, item in enumerate(batch)]
+
+    for chunk in length_batches([len(item) for item in ids], batch_size, T5_CALL_COST_TOKENS):
+        for i, selected in zip(chunk, _split_on_oom(run, [ids[i] for i in chunk])):
+            rows[i] = selected
+    return rows  # type: ignore[return-value]
+
+
+def encode_fixed(tokenizer, model, texts: Sequence[str], max_length: int, device: torch.device, batch_size: int,
+                 **model_kwargs) -> Iterator[tuple[slice, Any]]:
+    """``model`` on chunks of ``texts`` tokenised ``padding="max_length"`` to ``max_length``, no mask.
+
+    Yields (the chunk's slice of ``texts``, the model's output).
+    """
+    for start in range(0, len(texts), batch_size):
+        chunk = list(texts[start:start + batch_size])
+        input_ids = tokenizer(chunk, padding="max_length", max_length=max_length, truncation=True,
+                              return_tensors="pt").input_ids
+        with torch.inference_mode():
+            yield slice(start, start + len(chunk)), model(input_ids.to(device), **model_kwargs)
+
+
+def clip_outputs(tokenizer, model, texts: Sequence[str], max_length: int, device: torch.device, batch_size: int,
+                 pooled: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per text, CLIP's penultimate hidden states [max_length, D] and its pooled vector, as SDXL/SD3/Flux take them.
+
+    ``pooled``: "first_output" (``output[0]``: the projected text_embeds of a
+    CLIPTextModelWithProjection, as SDXL and SD3 take it) or "pooler_output" (Flux).
+    """
+    hidden_rows: list[torch.Tensor] = []
+    pooled_rows: list[torch.Tensor] = []
+    for _, output in encode_fixed(tokenizer, model, texts, max_length, device, batch_size, output_hidden_states=True):
+        hidden_rows.extend(output.hidden_states[-2])
+        pooled_rows.extend(output[0] if pooled == "first_output" else output.pooler_output)
+    return hidden_rows, pooled_rows
+
+
+def t5_fixed_outputs(tokenizer, model, texts: Sequence[str], max_length: int, device: torch.device,
+                     batch_size: int) -> list[torch.Tensor]:
+    """Per text, T5's last hidden state over all ``max_length`` positions, unmasked (SD3, Flux)."""
+    rows: list[torch.Tensor] = []
+    for _, output in encode_fixed(tokenizer, model, texts, max_length, device, batch_size):
+        rows.extend(output[0])
+    return rows

@@ -1,0 +1,213 @@
+"""Each family adapter reproduces its own diffusers pipeline: text encodings equal the pipeline's
+``encode_prompt`` as ``__call__`` calls it, latents equal its VAE's, buckets fit its geometry."""
+
+from __future__ import annotations
+
+import inspect
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from shardkit.errors import ShardkitError
+from shardkit.families import FAMILIES, family_by_name, family_for, load_pipeline_encoders, read_model_index
+from shardkit.images import to_model_input
+
+FAMILY_NAMES = ["pixart-alpha", "pixart-sigma", "sana", "sdxl", "sd3", "flux"]
+
+CAPTIONS = [
+    "A Fluffy ORANGE cat sleeps on a sunny windowsill.",
+    "  two horses graze in a misty meadow at dawn  ",
+    "",
+    "A lighthouse on a rocky point at night, its lamp shining through the fog; " * 12,  # past every limit
+    "Red desert dunes.",
+]
+
+# How each pipeline's __call__ calls encode_prompt for a positive prompt, with its defaults (diffusers 0.42).
+CALL_KWARGS = {
+    "pixart-alpha": dict(do_classifier_free_guidance=False, clean_caption=True, max_sequence_length=120),
+    "pixart-sigma": dict(do_classifier_free_guidance=False, clean_caption=True, max_sequence_length=300),
+    "sana": dict(do_classifier_free_guidance=False, clean_caption=False, max_sequence_length=300),
+    "sdxl": dict(prompt_2=None, do_classifier_free_guidance=False),
+    "sd3": dict(prompt_2=None, prompt_3=None, do_classifier_free_guidance=False, max_sequence_length=256),
+    "flux": dict(prompt_2=None, max_sequence_length=512),
+}
+OUTPUT_NAMES = {
+    "pixart-alpha": ("prompt_embeds", "prompt_attention_mask"),
+    "pixart-sigma": ("prompt_embeds", "prompt_attention_mask"),
+    "sana": ("prompt_embeds", "prompt_attention_mask"),
+    "sdxl": ("prompt_embeds", None, "pooled_prompt_embeds"),
+    "sd3": ("prompt_embeds", None, "pooled_prompt_embeds"),
+    "flux": ("prompt_embeds", "pooled_prompt_embeds", "text_ids"),
+}
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_pipeline):
+    """family -> (the pipeline itself, shardkit's encoders of it), each loaded once."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            import diffusers
+
+            folder = tiny_pipeline(name)
+            cls = getattr(diffusers, json.loads((folder / "model_index.json").read_text())["_class_name"])
+            pipe = cls.from_pretrained(folder)
+            cache[name] = pipe, load_pipeline_encoders(str(folder), torch.device("cpu"), "fp32", np.dtype(np.float16))
+        return cache[name]
+
+    return get
+
+
+def _reference(name, pipe):
+    kwargs = dict(CALL_KWARGS[name])
+    if name == "sana":
+        kwargs["complex_human_instruction"] = inspect.signature(type(pipe).__call__).parameters[
+            "complex_human_instruction"].default
+    with torch.no_grad():
+        outputs = pipe.encode_prompt(CAPTIONS, device=torch.device("cpu"), **kwargs)
+    return {key: value for key, value in zip(OUTPUT_NAMES[name], outputs) if key}
+
+
+def _close_in_fp16(ours: torch.Tensor, reference: torch.Tensor) -> None:
+    # One fp16 rounding of the stored values (2^-11 relative), plus summation-order noise.
+    torch.testing.assert_close(ours.float(), reference.float(), rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_text_equals_the_pipelines_encode_prompt(name, loaded):
+    pipe, encoders = loaded(name)
+    stored = encoders.encode_captions(CAPTIONS, batch_size=2)
+    ours = encoders.family.assemble(stored)
+    reference = _reference(name, pipe)
+    assert set(ours) == set(reference)
+    for key, expected in reference.items():
+        assert ours[key].shape == expected.shape, key
+    mask = reference.get("prompt_attention_mask")
+    if mask is not None:
+        assert torch.equal(ours["prompt_attention_mask"], mask)
+        valid = mask.bool()
+        _close_in_fp16(ours["prompt_embeds"][valid], reference["prompt_embeds"][valid])
+        # Only the valid rows are stored.
+        assert [len(sample["prompt_embeds"]) for sample in stored] == mask.sum(dim=1).tolist()
+    else:
+        _close_in_fp16(ours["prompt_embeds"], reference["prompt_embeds"])
+    for key in set(reference) - {"prompt_embeds", "prompt_attention_mask"}:
+        _close_in_fp16(ours[key], reference[key])
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_stored_arrays_follow_the_declared_members(name, loaded):
+    _, encoders = loaded(name)
+    members = {m.name: m for m in encoders.members}
+    for sample in encoders.encode_captions(CAPTIONS[:3], batch_size=4):
+        for key, array in sample.items():
+            member = members[key]
+            assert array.dtype == np.float16 and member.dtype == "store"
+            rows_rule = member.shape[0]
+            if rows_rule == "L":
+                assert 1 <= array.shape[0] <= member.max_rows and array.shape[1:] == member.shape[1:]
+            else:
+                assert array.shape == member.shape
+    text_members = {m.name for m in encoders.members if m.dtype == "store"}
+    assert text_members == set(sample)
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_latents_equal_the_pipelines_vae(name, loaded):
+    pipe, encoders = loaded(name)
+    spec = encoders.vae.spec
+    height, width = 64, 96  # a bucket shape: divides by every family's spatial multiple
+    pixels = torch.randint(0, 256, (2, height, width, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    stored = torch.from_numpy(encoders.encode_images(pixels)).float()
+    assert stored.shape[1:] == spec.stored_shape(height, width)
+    with torch.no_grad():
+        encoded = pipe.vae.encode(to_model_input(pixels))
+    if spec.stored == "latent":
+        reference = encoded.latent
+        latents = stored
+    else:
+        reference = encoded.latent_dist.mean
+        latents = stored[:, :spec.latent_channels]
+        std = stored[:, spec.latent_channels:]
+        assert torch.linalg.norm(std - encoded.latent_dist.std) <= 1e-3 * torch.linalg.norm(encoded.latent_dist.std)
+    assert latents.shape == reference.shape
+    assert torch.linalg.norm(latents - reference) <= 1e-3 * torch.linalg.norm(reference)
+    # Normalisation from the config: (x - shift) * scale.
+    config = pipe.vae.config
+    assert spec.scaling_factor == config.scaling_factor
+    assert spec.shift_factor == config.get("shift_factor")
+    shift = config.get("shift_factor") or 0.0
+    torch.testing.assert_close(spec.normalize(latents), (latents - shift) * config.scaling_factor)
+    assert spec.downsample == pipe.vae_scale_factor
+
+
+def test_latent_geometry_per_family(loaded):
+    geometry = {name: loaded(name)[1].vae.spec for name in FAMILY_NAMES}
+    assert geometry["sana"].vae_class == "AutoencoderDC" and geometry["sana"].downsample == 32
+    assert geometry["sana"].stored == "latent" and geometry["sana"].shift_factor is None
+    for name in ("sd3", "flux"):
+        assert geometry[name].latent_channels == 16 and geometry[name].shift_factor is not None
+    for name in ("pixart-alpha", "pixart-sigma", "sdxl"):
+        assert geometry[name].downsample == 8 and geometry[name].stored == "mean_std"
+
+
+@pytest.mark.parametrize("family", FAMILIES.values(), ids=lambda f: f.name)
+def test_bucket_tables_fit_the_vae_and_the_patching(family):
+    assert {512, 1024} <= set(family.resolutions)
+    for resolution in family.resolutions:
+        for bucket in family.bucket_table(resolution).buckets:
+            assert bucket.height % family.spatial_multiple == 0 and bucket.width % family.spatial_multiple == 0
+
+
+def test_pixart_and_sana_tables_hold_every_bucket_the_pipelines_bin_to():
+    from diffusers.pipelines.pixart_alpha import pipeline_pixart_alpha as alpha
+
+    for family_name in ("pixart-alpha", "pixart-sigma", "sana"):
+        family = family_by_name(family_name)
+        for resolution, binned in ((512, alpha.ASPECT_RATIO_512_BIN), (1024, alpha.ASPECT_RATIO_1024_BIN)):
+            table = family.bucket_table(resolution).table
+            assert {key: tuple(map(int, hw)) for key, hw in binned.items()}.items() <= table.items()
+
+
+def test_a_resolution_that_does_not_fit_is_refused_in_one_line():
+    with pytest.raises(ShardkitError, match="takes --resolution 512 or 1024") as error:
+        family_by_name("sana").bucket_table(256)
+    assert "\n" not in str(error.value)
+
+
+def test_an_unknown_pipeline_class_is_refused_listing_the_supported_ones(tmp_path):
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline"}))
+    with pytest.raises(ShardkitError) as error:
+        family_for(read_model_index(str(tmp_path)))
+    message = str(error.value)
+    assert "KandinskyPipeline" in message and "\n" not in message
+    assert all(name in message for name in FAMILIES)
+
+
+def test_components_come_from_transformers_and_diffusers_only(tmp_path, tiny_pipeline):
+    folder = tmp_path / "pipeline"
+    folder.mkdir()
+    index = json.loads((tiny_pipeline("flux") / "model_index.json").read_text())
+    index["text_encoder"] = ["os", "system"]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ShardkitError, match="from transformers and diffusers only"):
+        load_pipeline_encoders(str(folder), torch.device("cpu"))
+
+
+def test_text_identity_records_what_the_pipeline_applied(loaded):
+    from diffusers.utils import is_bs4_available, is_ftfy_available
+
+    applied = "clean_caption" if is_bs4_available() and is_ftfy_available() else "lower_strip"
+    for name in ("pixart-alpha", "pixart-sigma"):
+        identity = loaded(name)[1].identity()
+        assert identity["text"]["caption_preprocessing"] == applied
+    sana = loaded("sana")[1].identity()["text"]
+    assert sana["caption_preprocessing"] == "lower_strip"  # Sana's __call__ default is clean_caption=False
+    assert sana["instruction_tokens"] > 0 and sana["max_sequence_length"] == 300
+    assert loaded("sd3")[1].identity()["text"]["max_sequence_length"] == 256
+    flux = loaded("flux")[1].identity()
+    assert flux["text"]["max_sequence_length"] == 512
+    assert flux["latents"]["vae_class"] == "AutoencoderKL" and flux["latents"]["shift_factor"] == pytest.approx(0.1159)

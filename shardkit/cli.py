@@ -13,6 +13,7 @@ from . import __version__
 from .config import (COMPUTE_DTYPES, DEVICES, EMPTY_CAPTION_POLICIES, RESIZE_MODES, STORE_DTYPES, TINY_MODELS_HOME,
                      make_config, preset_names)
 from .errors import ShardkitError
+from .tiny_pipelines import TINY_FAMILIES
 
 
 def _user_errors(fn):
@@ -166,19 +167,36 @@ def _refuse_empty(summary) -> None:
 
 @main.command("tiny-models")
 @click.argument("dest", type=click.Path(file_okay=False, path_type=Path), required=False)
+@click.option("--pipeline", "family", type=click.Choice(tuple(TINY_FAMILIES)), default=None,
+              help="Write a whole tiny diffusers pipeline of this family instead (VAE, text encoders, tokenizers, "
+                   "transformer/UNet, scheduler); DEST is then required.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights.")
 @click.option("--force", is_flag=True, help="Rewrite DEST even if it already holds the tiny models.")
 @_user_errors
-def tiny_models(dest, seed, force):
+def tiny_models(dest, family, seed, force):
     """Write tiny random encoders (VAE, T5, tokenizer) to DEST, for the offline demo and tests only.
 
     DEST defaults to ~/.cache/shardkit/tiny-models, where `--config tiny-offline` reads them.
     They load through the same from_pretrained code path as the real SDXL VAE and T5 but
-    produce meaningless features: never train on a build made with them.
+    produce meaningless features: never train on a build made with them. With --pipeline FAMILY,
+    DEST gets the folder `save_pretrained` writes for that family's diffusers pipeline, every
+    component tiny.
     """
     from .testing.tiny_models import write_tiny_models
+    from .tiny_pipelines import write_tiny_pipeline
 
-    path = write_tiny_models(dest or Path(TINY_MODELS_HOME).expanduser(), seed=seed, force=force)
+    if family and dest is None:
+        raise ShardkitError("--pipeline needs DEST, the folder to write the tiny pipeline to")
+    try:
+        if family:
+            path = write_tiny_pipeline(dest, family, seed=seed, force=force)
+        else:
+            path = write_tiny_models(dest or Path(TINY_MODELS_HOME).expanduser(), seed=seed, force=force)
+    except FileExistsError as exc:
+        raise ShardkitError(f"{exc}; pick another DEST") from None
+    if family:
+        click.echo(f"tiny {family} pipeline in {path} (model_index.json and one folder per component)")
+        return
     click.echo(f"tiny models in {path} (vae/, text_encoder/, tokenizer/): use --vae {path} --vae-subfolder vae --t5 {path}")
 
 

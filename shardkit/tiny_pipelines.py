@@ -34,18 +34,22 @@ CLIP_MAX_LENGTH = 77
 def write_tiny_pipeline(dest: Path, family: str, seed: int = 0, force: bool = False) -> Path:
     """Write the tiny pipeline of ``family`` (a key of ``TINY_FAMILIES``) into ``dest``; return ``dest``.
 
-    A folder already holding this family's tiny pipeline is kept unless ``force``; only an empty
-    folder or one written here is ever replaced. Written in a sibling folder and renamed into
+    A folder already holding this family's tiny pipeline is kept unless ``force``; another
+    family's is replaced only with ``force``; a folder that is neither empty nor written by
+    shardkit never is. Written in a sibling folder and renamed into
     place, so an interrupted call leaves nothing half-written.
     """
     if family not in TINY_FAMILIES:
         raise ValueError(f"unknown family {family!r}; tiny pipelines exist for: {', '.join(TINY_FAMILIES)}")
     dest = Path(dest).absolute()
-    if _written_family(dest) == family and not force:
+    present = _written_family(dest)
+    if present == family and not force:
         return dest
+    if present not in (None, family) and not force:
+        raise FileExistsError(f"{dest} holds the tiny {present} models; pass force (--force) to replace them")
     if dest.exists() and not dest.is_dir():
         raise FileExistsError(f"{dest} exists and is not a folder")
-    if dest.is_dir() and any(dest.iterdir()) and _written_family(dest) is None:
+    if dest.is_dir() and any(dest.iterdir()) and present is None:
         raise FileExistsError(f"{dest} is not empty and was not written by shardkit tiny-models; refusing to replace it")
 
     dest.parent.mkdir(parents=True, exist_ok=True)

@@ -17,18 +17,21 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
+from collections import Counter
 from pathlib import Path
 from typing import Callable
 
-from .tiny_models import (TOKENIZER_CORPUS, _build_tokenizer, _match_umask, _move_into_place,
+from .tiny_models import (SPACE, TOKENIZER_CORPUS, _build_tokenizer, _match_umask, _move_into_place,
                           _quiet_libraries, _round_up, _seeded, _write_text_encoder)
 
 __all__ = ["TINY_FAMILIES", "write_tiny_pipeline"]
 
 _MARK = "_shardkit_tiny"
 CLIP_MAX_LENGTH = 77
+_GEMMA_WORDS = 600  # whole-word pieces of the tiny Gemma tokenizer
 
 
 def write_tiny_pipeline(dest: Path, family: str, seed: int = 0, force: bool = False) -> Path:
@@ -100,15 +103,34 @@ def _clip_tokenizer():
 
 
 def _gemma_tokenizer():
-    """A Gemma BPE tokenizer: the special tokens, the 256 byte-fallback tokens and every
-    character of the corpus; no merges. Adds <bos> and pads on the right, as Sana asks."""
+    """A Gemma BPE tokenizer: the special tokens, the 256 byte-fallback tokens, every character of
+    the corpus, and the most frequent words of the corpus and of Sana's instruction prefix as
+    whole pieces (built by prefix merges), so that English text, and the prefix Sana puts before
+    every caption, take about one token per word as with Gemma's own (a character-level prefix
+    would make every tiny Sana encode several times longer). Adds <bos> and pads on the right."""
     from transformers import GemmaTokenizer
 
     vocab = {token: i for i, token in enumerate(["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"])}
     vocab.update({f"<0x{byte:02X}>": len(vocab) + byte for byte in range(256)})
-    for char in sorted(set(TOKENIZER_CORPUS.replace(" ", "\u2581")) - {"\n"}):
+    text = TOKENIZER_CORPUS + _sana_instruction()
+    for char in sorted(set(text.replace(" ", SPACE)) - {"\n"}):
         vocab.setdefault(char, len(vocab))
-    return GemmaTokenizer(vocab=vocab, merges=[], add_bos_token=True, add_eos_token=False, padding_side="right")
+    words = Counter(SPACE + word for word in re.findall(r"[A-Za-z]+", text))
+    merges = []
+    for word in sorted(words, key=lambda w: (-words[w], w))[:_GEMMA_WORDS]:
+        for end in range(2, len(word) + 1):
+            if word[:end] not in vocab:
+                vocab[word[:end]] = len(vocab)
+                merges.append((word[:end - 1], word[end - 1]))
+    return GemmaTokenizer(vocab=vocab, merges=merges, add_bos_token=True, add_eos_token=False, padding_side="right")
+
+
+def _sana_instruction() -> str:
+    import inspect
+
+    from diffusers import SanaPipeline
+
+    return "\n".join(inspect.signature(SanaPipeline.__call__).parameters["complex_human_instruction"].default or [])
 
 
 # ---------------------------------------------------------------------- text encoders

@@ -107,6 +107,11 @@ class Family:
         return inspect.signature(self.pipeline.__call__).parameters[parameter].default
 
     @property
+    def max_length(self) -> int:
+        """The text encoders' token limit ``__call__`` passes (``max_sequence_length``), where it has one."""
+        return int(self.call_default("max_sequence_length"))
+
+    @property
     def spatial_multiple(self) -> int:
         """Every bucket's height and width must divide by this (VAE downsampling x patching)."""
         return self.vae_downsample * self.patch_size

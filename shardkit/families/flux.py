@@ -19,10 +19,6 @@ from .text import clip_outputs, t5_fixed_outputs
 
 @dataclass(frozen=True)
 class FluxFamily(Family):
-    @property
-    def max_length(self) -> int:
-        return int(self.call_default("max_sequence_length"))
-
     def members(self, parts: TextParts) -> tuple[Member, ...]:
         return (Member("prompt_embeds", (self.max_length, int(parts["text_encoder_2"].config.hidden_size))),
                 Member("pooled_prompt_embeds", (int(parts["text_encoder"].config.hidden_size),)))

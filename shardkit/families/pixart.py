@@ -38,10 +38,6 @@ def preprocess(family: Family, captions: Sequence[str]) -> list[str]:
 
 @dataclass(frozen=True)
 class PixArtFamily(Family):
-    @property
-    def max_length(self) -> int:
-        return int(self.call_default("max_sequence_length"))
-
     def members(self, parts: TextParts) -> tuple[Member, ...]:
         width = int(parts["text_encoder"].config.hidden_size)
         return (Member("prompt_embeds", ("L", width), max_rows=self.max_length),)

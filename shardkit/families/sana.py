@@ -25,10 +25,6 @@ from .text import encode_masked, token_ids
 @dataclass(frozen=True)
 class SanaFamily(Family):
     @property
-    def max_length(self) -> int:
-        return int(self.call_default("max_sequence_length"))
-
-    @property
     def instruction(self) -> str:
         lines = self.call_default("complex_human_instruction")
         return "\n".join(lines) if lines else ""

@@ -21,10 +21,6 @@ from .text import clip_outputs, t5_fixed_outputs
 
 @dataclass(frozen=True)
 class Sd3Family(Family):
-    @property
-    def max_length(self) -> int:
-        return int(self.call_default("max_sequence_length"))
-
     def members(self, parts: TextParts) -> tuple[Member, ...]:
         clip_l, clip_g = parts["text_encoder"].config, parts["text_encoder_2"].config
         rows = int(parts["tokenizer"].model_max_length)

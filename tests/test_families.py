@@ -211,3 +211,46 @@ def test_text_identity_records_what_the_pipeline_applied(loaded):
     flux = loaded("flux")[1].identity()
     assert flux["text"]["max_sequence_length"] == 512
     assert flux["latents"]["vae_class"] == "AutoencoderKL" and flux["latents"]["shift_factor"] == pytest.approx(0.1159)
+
+
+@pytest.mark.parametrize("name", ["pixart-sigma", "sana", "sdxl", "sd3", "flux"])
+def test_a_diffusers_batch_is_what_the_pipeline_computes(name, loaded):
+    from shardkit.families.collate import diffusers_batch
+    from shardkit.families.sdxl import micro_conditioning
+
+    pipe, encoders = loaded(name)
+    spec = encoders.vae.spec
+    pixels = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    stored_latents = list(encoders.encode_images(pixels))
+    captions = CAPTIONS[:2]
+    texts = encoders.encode_captions(captions, batch_size=4)
+    if encoders.family.micro_conditioning:
+        for sample in texts:
+            sample.update(micro_conditioning((480, 640), (0, 80), (64, 64)))
+    with torch.no_grad():
+        encoded = pipe.vae.encode(to_model_input(pixels))
+    mean = encoded.latent if spec.stored == "latent" else encoded.latent_dist.mean
+
+    batch = diffusers_batch(encoders.family, spec, stored_latents, texts, ["a", "b"], captions, latent="mean")
+    assert torch.linalg.norm(batch["latents"] - mean) <= 1e-3 * torch.linalg.norm(mean)
+    assert batch["keys"] == ["a", "b"] and batch["captions"] == captions
+    # The text side is the pipeline's encode_prompt outputs (test_text_equals_the_pipelines_encode_prompt).
+    assert set(batch) == {"latents", "keys", "captions"} | set(encoders.family.assemble(texts))
+    if name == "sdxl":
+        assert batch["original_size"].tolist() == [[480, 640]] * 2
+        assert batch["crop_coords_top_left"].tolist() == [[0, 80]] * 2
+        assert batch["target_size"].tolist() == [[64, 64]] * 2
+
+    normalized = diffusers_batch(encoders.family, spec, stored_latents, texts, ["a", "b"], captions, latent="mean",
+                                 normalize=True)["latents"]
+    shift = pipe.vae.config.get("shift_factor") or 0.0
+    torch.testing.assert_close(normalized, (batch["latents"] - shift) * pipe.vae.config.scaling_factor)
+
+    sampled = diffusers_batch(encoders.family, spec, stored_latents, texts, ["a", "b"], captions,
+                              generator=torch.Generator().manual_seed(0))["latents"]
+    if spec.stored == "latent":
+        assert torch.equal(sampled, batch["latents"])  # DC-AE: deterministic, no posterior
+    else:
+        assert not torch.equal(sampled, batch["latents"])
+        std = torch.from_numpy(np.stack(stored_latents)).float()[:, spec.latent_channels:]
+        assert ((sampled - batch["latents"]).abs() <= 6 * std + 1e-6).all()

@@ -254,3 +254,25 @@ def test_a_diffusers_batch_is_what_the_pipeline_computes(name, loaded):
         assert not torch.equal(sampled, batch["latents"])
         std = torch.from_numpy(np.stack(stored_latents)).float()[:, spec.latent_channels:]
         assert ((sampled - batch["latents"]).abs() <= 6 * std + 1e-6).all()
+
+
+def test_repeated_captions_are_encoded_once_and_an_empty_list_is_nothing(loaded, monkeypatch):
+    _, encoders = loaded("pixart-sigma")
+    seen = []
+    original = type(encoders.family).encode
+
+    def counting(self, parts, captions, batch_size, store_dtype):
+        seen.append(list(captions))
+        return original(self, parts, captions, batch_size, store_dtype)
+
+    monkeypatch.setattr(type(encoders.family), "encode", counting)
+    stored = encoders.encode_captions(["b", "a", "b"], batch_size=4)
+    assert seen == [["b", "a"]]
+    assert np.array_equal(stored[0]["prompt_embeds"], stored[2]["prompt_embeds"])
+    assert encoders.encode_captions([], batch_size=4) == []
+
+
+def test_a_missing_pipeline_folder_is_one_line(tmp_path):
+    with pytest.raises(ShardkitError) as error:
+        load_pipeline_encoders(str(tmp_path / "absent"), torch.device("cpu"))
+    assert "does not exist" in str(error.value) and "\n" not in str(error.value)

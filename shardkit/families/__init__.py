@@ -89,7 +89,12 @@ class PipelineEncoders:
         return self.family.members(self.text)
 
     def encode_captions(self, captions: list[str], batch_size: int) -> list[dict[str, np.ndarray]]:
-        return self.family.encode(self.text, captions, batch_size, self.store_dtype)
+        """Per caption, the stored arrays; a caption given more than once is encoded once."""
+        distinct = list(dict.fromkeys(captions))
+        if not distinct:
+            return []
+        encoded = dict(zip(distinct, self.family.encode(self.text, distinct, batch_size, self.store_dtype)))
+        return [encoded[caption] for caption in captions]
 
     def encode_images(self, pixels: torch.Tensor) -> np.ndarray:
         return self.vae.encode(pixels)

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ..encoders import to_store_array
 from .base import Family, Member, TextParts, stack
 from .text import clip_outputs, t5_fixed_outputs
 
@@ -25,11 +24,11 @@ class FluxFamily(Family):
 
     def encode(self, parts, captions, batch_size, store_dtype):
         _, pooled = clip_outputs(parts["tokenizer"], parts["text_encoder"], captions,
-                                 parts["tokenizer"].model_max_length, parts.device, batch_size, "pooler_output")
+                                 parts["tokenizer"].model_max_length, parts.device, batch_size, store_dtype,
+                                 "pooler_output")
         t5 = t5_fixed_outputs(parts["tokenizer_2"], parts["text_encoder_2"], captions, self.max_length,
-                              parts.device, batch_size)
-        return [{"prompt_embeds": to_store_array(t, store_dtype), "pooled_prompt_embeds": to_store_array(p, store_dtype)}
-                for t, p in zip(t5, pooled)]
+                              parts.device, batch_size, store_dtype)
+        return [{"prompt_embeds": t, "pooled_prompt_embeds": p} for t, p in zip(t5, pooled)]
 
     def assemble(self, stored):
         embeds = stack(stored, "prompt_embeds")

@@ -13,10 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-import numpy as np
 import torch
 
-from ..encoders import to_store_array
 from .base import Family, Member, TextParts, right_pad
 from .text import encode_masked, token_ids
 
@@ -45,8 +43,8 @@ class PixArtFamily(Family):
     def encode(self, parts, captions, batch_size, store_dtype):
         tokenizer = parts["tokenizer"]
         ids = token_ids(tokenizer, preprocess(self, captions), self.max_length)
-        rows = encode_masked(parts["text_encoder"], ids, tokenizer.pad_token_id, parts.device, batch_size)
-        return [{"prompt_embeds": to_store_array(valid, store_dtype)} for valid in rows]
+        rows = encode_masked(parts["text_encoder"], ids, tokenizer.pad_token_id, parts.device, batch_size, store_dtype)
+        return [{"prompt_embeds": valid} for valid in rows]
 
     def assemble(self, stored):
         embeds, mask = right_pad([torch.from_numpy(sample["prompt_embeds"]) for sample in stored], self.max_length)

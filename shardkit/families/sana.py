@@ -14,9 +14,9 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from ..encoders import to_store_array
 from .base import Family, Member, TextParts, right_pad
 from .pixart import caption_preprocessing, preprocess
 from .text import encode_masked, token_ids
@@ -46,11 +46,12 @@ class SanaFamily(Family):
         texts = [self.instruction + caption for caption in preprocess(self, captions)]
         ids = token_ids(tokenizer, texts, total)
 
-        def select(hidden: torch.Tensor, length: int) -> torch.Tensor:
-            return torch.cat([hidden[:1], hidden[start:length]])
+        def select(hidden: np.ndarray, length: int) -> np.ndarray:
+            return np.concatenate([hidden[:1], hidden[start:length]])
 
-        rows = encode_masked(parts["text_encoder"], ids, tokenizer.pad_token_id, parts.device, batch_size, select)
-        return [{"prompt_embeds": to_store_array(valid, store_dtype)} for valid in rows]
+        rows = encode_masked(parts["text_encoder"], ids, tokenizer.pad_token_id, parts.device, batch_size,
+                             store_dtype, select)
+        return [{"prompt_embeds": valid} for valid in rows]
 
     def assemble(self, stored):
         embeds, mask = right_pad([torch.from_numpy(sample["prompt_embeds"]) for sample in stored], self.max_length)

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from ..encoders import to_store_array
 from .base import Family, Member, TextParts, stack
 from .text import clip_outputs, t5_fixed_outputs
 
@@ -31,14 +31,13 @@ class Sd3Family(Family):
     def encode(self, parts, captions, batch_size, store_dtype):
         clip_length = parts["tokenizer"].model_max_length  # the pipeline's tokenizer_max_length, for both CLIPs
         hidden_l, pooled_l = clip_outputs(parts["tokenizer"], parts["text_encoder"], captions, clip_length,
-                                          parts.device, batch_size, "first_output")
+                                          parts.device, batch_size, store_dtype, "first_output")
         hidden_g, pooled_g = clip_outputs(parts["tokenizer_2"], parts["text_encoder_2"], captions, clip_length,
-                                          parts.device, batch_size, "first_output")
+                                          parts.device, batch_size, store_dtype, "first_output")
         t5 = t5_fixed_outputs(parts["tokenizer_3"], parts["text_encoder_3"], captions, self.max_length,
-                              parts.device, batch_size)
-        return [{"clip_prompt_embeds": to_store_array(torch.cat([hl, hg], dim=-1), store_dtype),
-                 "t5_prompt_embeds": to_store_array(t, store_dtype),
-                 "pooled_prompt_embeds": to_store_array(torch.cat([pl, pg], dim=-1), store_dtype)}
+                              parts.device, batch_size, store_dtype)
+        return [{"clip_prompt_embeds": np.concatenate([hl, hg], axis=-1), "t5_prompt_embeds": t,
+                 "pooled_prompt_embeds": np.concatenate([pl, pg], axis=-1)}
                 for hl, hg, t, pl, pg in zip(hidden_l, hidden_g, t5, pooled_l, pooled_g)]
 
     def assemble(self, stored):

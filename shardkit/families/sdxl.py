@@ -16,9 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
-from ..encoders import to_store_array
 from .base import Family, Member, TextParts, stack
 from .text import clip_outputs
 
@@ -41,12 +39,13 @@ class SdxlFamily(Family):
                 *(Member(name, (2,), dtype="int32") for name in MICRO_CONDITIONING))
 
     def encode(self, parts, captions, batch_size, store_dtype):
-        first, _ = clip_outputs(parts["tokenizer"], parts["text_encoder"], captions,
-                                parts["tokenizer"].model_max_length, parts.device, batch_size, "first_output")
+        first, _ = clip_outputs(parts["tokenizer"], parts["text_encoder"], captions, parts["tokenizer"].model_max_length,
+                                parts.device, batch_size, store_dtype, "first_output")
         second, pooled = clip_outputs(parts["tokenizer_2"], parts["text_encoder_2"], captions,
-                                      parts["tokenizer_2"].model_max_length, parts.device, batch_size, "first_output")
-        return [{"prompt_embeds": to_store_array(torch.cat([a, b], dim=-1), store_dtype),
-                 "pooled_prompt_embeds": to_store_array(p, store_dtype)} for a, b, p in zip(first, second, pooled)]
+                                      parts["tokenizer_2"].model_max_length, parts.device, batch_size, store_dtype,
+                                      "first_output")
+        return [{"prompt_embeds": np.concatenate([a, b], axis=-1), "pooled_prompt_embeds": p}
+                for a, b, p in zip(first, second, pooled)]
 
     def assemble(self, stored):
         out = {"prompt_embeds": stack(stored, "prompt_embeds"), "pooled_prompt_embeds": stack(stored, "pooled_prompt_embeds")}

@@ -37,7 +37,7 @@ COMPONENT_LIBRARIES = ("transformers", "diffusers")
 
 @dataclass(frozen=True)
 class Member:
-    """One array stored per caption (or per sample, for micro-conditioning).
+    """One array stored per caption (or per sample, for micro-conditioning), and what made it.
 
     ``shape`` holds ints, except a leading ``"L"``: that many rows, the caption's valid ones, at
     most ``max_rows``. ``dtype`` is ``"store"`` (the build's --store-dtype) or a numpy dtype name.
@@ -45,11 +45,13 @@ class Member:
 
     name: str
     shape: tuple[int | str, ...]
+    made_by: str
     dtype: str = "store"
     max_rows: int | None = None
 
     def as_json(self) -> dict:
-        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype, "max_rows": self.max_rows}
+        return {"name": self.name, "shape": list(self.shape), "made_by": self.made_by, "dtype": self.dtype,
+                "max_rows": self.max_rows}
 
 
 @dataclass

@@ -19,8 +19,10 @@ from .text import clip_outputs, t5_fixed_outputs
 @dataclass(frozen=True)
 class FluxFamily(Family):
     def members(self, parts: TextParts) -> tuple[Member, ...]:
-        return (Member("prompt_embeds", (self.max_length, int(parts["text_encoder_2"].config.hidden_size))),
-                Member("pooled_prompt_embeds", (int(parts["text_encoder"].config.hidden_size),)))
+        return (Member("prompt_embeds", (self.max_length, int(parts["text_encoder_2"].config.hidden_size)),
+                       "text_encoder_2 (T5): last hidden state, every row of max_sequence_length, unmasked"),
+                Member("pooled_prompt_embeds", (int(parts["text_encoder"].config.hidden_size),),
+                       "text_encoder (CLIP): pooler_output"))
 
     def encode(self, parts, captions, batch_size, store_dtype):
         _, pooled = clip_outputs(parts["tokenizer"], parts["text_encoder"], captions,

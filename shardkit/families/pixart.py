@@ -38,7 +38,8 @@ def preprocess(family: Family, captions: Sequence[str]) -> list[str]:
 class PixArtFamily(Family):
     def members(self, parts: TextParts) -> tuple[Member, ...]:
         width = int(parts["text_encoder"].config.hidden_size)
-        return (Member("prompt_embeds", ("L", width), max_rows=self.max_length),)
+        return (Member("prompt_embeds", ("L", width), "text_encoder (T5): last hidden state, the valid rows",
+                       max_rows=self.max_length),)
 
     def encode(self, parts, captions, batch_size, store_dtype):
         tokenizer = parts["tokenizer"]

@@ -38,7 +38,9 @@ class SanaFamily(Family):
 
     def members(self, parts: TextParts) -> tuple[Member, ...]:
         width = int(parts["text_encoder"].config.hidden_size)
-        return (Member("prompt_embeds", ("L", width), max_rows=self.max_length),)
+        return (Member("prompt_embeds", ("L", width),
+                       "text_encoder (Gemma-2): last hidden state at select_index, the valid rows",
+                       max_rows=self.max_length),)
 
     def encode(self, parts, captions, batch_size, store_dtype):
         tokenizer = parts["tokenizer"]

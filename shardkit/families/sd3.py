@@ -24,9 +24,12 @@ class Sd3Family(Family):
     def members(self, parts: TextParts) -> tuple[Member, ...]:
         clip_l, clip_g = parts["text_encoder"].config, parts["text_encoder_2"].config
         rows = int(parts["tokenizer"].model_max_length)
-        return (Member("clip_prompt_embeds", (rows, clip_l.hidden_size + clip_g.hidden_size)),
-                Member("t5_prompt_embeds", (self.max_length, int(parts["text_encoder_3"].config.hidden_size))),
-                Member("pooled_prompt_embeds", (int(clip_l.projection_dim + clip_g.projection_dim),)))
+        return (Member("clip_prompt_embeds", (rows, clip_l.hidden_size + clip_g.hidden_size),
+                       "text_encoder + text_encoder_2 (CLIPs): penultimate hidden states, concatenated"),
+                Member("t5_prompt_embeds", (self.max_length, int(parts["text_encoder_3"].config.hidden_size)),
+                       "text_encoder_3 (T5): last hidden state, every row of max_sequence_length, unmasked"),
+                Member("pooled_prompt_embeds", (int(clip_l.projection_dim + clip_g.projection_dim),),
+                       "text_encoder + text_encoder_2 (CLIPs): projected text embeds, concatenated"))
 
     def encode(self, parts, captions, batch_size, store_dtype):
         clip_length = parts["tokenizer"].model_max_length  # the pipeline's tokenizer_max_length, for both CLIPs

@@ -34,9 +34,12 @@ class SdxlFamily(Family):
     def members(self, parts: TextParts) -> tuple[Member, ...]:
         first, second = parts["text_encoder"].config, parts["text_encoder_2"].config
         rows = int(parts["tokenizer"].model_max_length)
-        return (Member("prompt_embeds", (rows, first.hidden_size + second.hidden_size)),
-                Member("pooled_prompt_embeds", (int(second.projection_dim),)),
-                *(Member(name, (2,), dtype="int32") for name in MICRO_CONDITIONING))
+        return (Member("prompt_embeds", (rows, first.hidden_size + second.hidden_size),
+                       "text_encoder + text_encoder_2 (CLIPs): penultimate hidden states, concatenated"),
+                Member("pooled_prompt_embeds", (int(second.projection_dim),),
+                       "text_encoder_2 (CLIP): projected text embeds"),
+                *(Member(name, (2,), "the image's size and crop (per sample)", dtype="int32")
+                  for name in MICRO_CONDITIONING))
 
     def encode(self, parts, captions, batch_size, store_dtype):
         first, _ = clip_outputs(parts["tokenizer"], parts["text_encoder"], captions, parts["tokenizer"].model_max_length,

@@ -276,3 +276,17 @@ def test_a_missing_pipeline_folder_is_one_line(tmp_path):
     with pytest.raises(ShardkitError) as error:
         load_pipeline_encoders(str(tmp_path / "absent"), torch.device("cpu"))
     assert "does not exist" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_pickled_weights_are_never_loaded(tmp_path, tiny_pipeline):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "pipeline"
+    shutil.copytree(tiny_pipeline("pixart-sigma"), folder)
+    weights = folder / "text_encoder" / "model.safetensors"
+    torch.save(load_file(weights), folder / "text_encoder" / "pytorch_model.bin")  # a pickle
+    weights.unlink()
+    with pytest.raises(ShardkitError, match="cannot load the text_encoder"):
+        load_pipeline_encoders(str(folder), torch.device("cpu"))

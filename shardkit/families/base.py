@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -76,7 +76,6 @@ class Family:
     patch_size: int                # the transformer's patching (the UNet's total downsampling for SDXL)
     vae_downsample: int            # the VAE's spatial reduction (DC-AE 32, AutoencoderKL 8)
     micro_conditioning: bool = False  # SDXL: original_size, crop_coords_top_left, target_size per sample
-    notes: tuple[str, ...] = field(default=())
 
     # ---- declared by each adapter
 
@@ -153,8 +152,8 @@ def component_class(index: dict, name: str) -> type:
         raise ShardkitError(f"model_index.json names {name!r} from library {library!r}; shardkit loads components "
                             f"from {' and '.join(COMPONENT_LIBRARIES)} only")
     cls = getattr(importlib.import_module(library), class_name, None)
-    if not isinstance(cls, type):
-        raise ShardkitError(f"{library} has no class {class_name!r} (model_index.json entry {name!r}); "
+    if not isinstance(cls, type) or not hasattr(cls, "from_pretrained"):
+        raise ShardkitError(f"{library} has no loadable class {class_name!r} (model_index.json entry {name!r}); "
                             f"upgrade {library} or check the pipeline folder")
     return cls
 
@@ -162,7 +161,8 @@ def component_class(index: dict, name: str) -> type:
 def load_component(source: str, index: dict, name: str, dtype: torch.dtype) -> Any:
     """One component from ``source/name`` through its class's ``from_pretrained``."""
     cls = component_class(index, name)
-    kwargs = {"torch_dtype": dtype} if issubclass(cls, torch.nn.Module) else {}
+    # Weights from safetensors only: a pickled checkpoint (.bin) is never loaded.
+    kwargs = {"torch_dtype": dtype, "use_safetensors": True} if issubclass(cls, torch.nn.Module) else {}
     try:
         with quiet_hub_logging():
             return cls.from_pretrained(source, subfolder=name, **kwargs)

@@ -93,3 +93,40 @@ def test_a_gpu_build_is_reproducible(gpu_fp32_build, tmp_path, toy_dataset, make
     # Same inputs, same batches, same kernels: the same bytes (cuDNN is deterministic per algorithm
     # choice for inference convolutions; a difference here means non-determinism worth knowing).
     assert [s["sha256"] for s in first["shards"]] == [s["sha256"] for s in second["shards"]]
+
+
+@pytest.mark.parametrize("name", ["pixart-sigma", "sana", "sdxl", "sd3", "flux"])
+def test_each_family_on_the_gpu_in_fp16_matches_its_pipeline_in_fp16(name, tiny_pipeline):
+    """Every family adapter under the GPU defaults (fp16 compute, the VAE under autocast where its
+    config asks for it) against the pipeline itself in fp16 on the same GPU."""
+    import inspect
+
+    import diffusers
+
+    from shardkit.families import load_pipeline_encoders
+    from shardkit.images import to_model_input
+
+    folder = tiny_pipeline(name)
+    encoders = load_pipeline_encoders(str(folder), torch.device("cuda"), "auto", np.dtype(np.float16))
+    pipe_class = getattr(diffusers, json.loads((folder / "model_index.json").read_text())["_class_name"])
+    pipe = pipe_class.from_pretrained(folder, torch_dtype=torch.float16).to("cuda")
+    captions = ["A Red Fox in the SNOW", "two horses in a misty meadow at dawn, soft light"]
+    kwargs = {"do_classifier_free_guidance": False} if name != "flux" else {}
+    if name == "sd3":
+        kwargs.update(prompt_2=None, prompt_3=None)
+    if name == "sana":
+        kwargs["complex_human_instruction"] = inspect.signature(pipe_class.__call__).parameters[
+            "complex_human_instruction"].default
+    with torch.no_grad():
+        reference = pipe.encode_prompt(captions, device=torch.device("cuda"), **kwargs)[0].float().cpu()
+    ours = encoders.family.assemble(encoders.encode_captions(captions, batch_size=2))
+    mask = ours.get("prompt_attention_mask")
+    valid = mask.bool() if mask is not None else torch.ones(reference.shape[:2], dtype=torch.bool)
+    assert _relative_rms(ours["prompt_embeds"].float()[valid].numpy(), reference[valid].numpy()) < 1e-2
+
+    pixels = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8)
+    with torch.no_grad():
+        encoded = pipe.vae.encode(to_model_input(pixels).to("cuda", torch.float16))
+    expected = encoded.latent if encoders.vae.spec.stored == "latent" else encoded.latent_dist.mean
+    got = encoders.encode_images(pixels)[:, :encoders.vae.spec.latent_channels]
+    assert _relative_rms(got, expected.float().cpu().numpy()) < 1e-2

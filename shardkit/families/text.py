@@ -59,17 +59,13 @@ def encode_masked(model, ids: Sequence[Sequence[int]], pad_id: int, device: torc
 
 
 def encode_fixed(tokenizer, model, texts: Sequence[str], max_length: int, device: torch.device, batch_size: int,
-                 **model_kwargs) -> Iterator[tuple[slice, Any]]:
-    """``model`` on chunks of ``texts`` tokenised ``padding="max_length"`` to ``max_length``, no mask.
-
-    Yields (the chunk's slice of ``texts``, the model's output).
-    """
+                 **model_kwargs) -> Iterator[Any]:
+    """``model``'s output on each chunk of ``texts``, tokenised ``padding="max_length"`` to ``max_length``, no mask."""
     for start in range(0, len(texts), batch_size):
-        chunk = list(texts[start:start + batch_size])
-        input_ids = tokenizer(chunk, padding="max_length", max_length=max_length, truncation=True,
-                              return_tensors="pt").input_ids
+        input_ids = tokenizer(list(texts[start:start + batch_size]), padding="max_length", max_length=max_length,
+                              truncation=True, return_tensors="pt").input_ids
         with torch.inference_mode():
-            yield slice(start, start + len(chunk)), model(input_ids.to(device), **model_kwargs)
+            yield model(input_ids.to(device), **model_kwargs)
 
 
 def clip_outputs(tokenizer, model, texts: Sequence[str], max_length: int, device: torch.device, batch_size: int,
@@ -81,7 +77,7 @@ def clip_outputs(tokenizer, model, texts: Sequence[str], max_length: int, device
     """
     hidden_rows: list[np.ndarray] = []
     pooled_rows: list[np.ndarray] = []
-    for _, output in encode_fixed(tokenizer, model, texts, max_length, device, batch_size, output_hidden_states=True):
+    for output in encode_fixed(tokenizer, model, texts, max_length, device, batch_size, output_hidden_states=True):
         hidden_rows.extend(to_store_array(output.hidden_states[-2], store_dtype))
         pooled_rows.extend(to_store_array(output[0] if pooled == "first_output" else output.pooler_output, store_dtype))
     return hidden_rows, pooled_rows
@@ -91,6 +87,6 @@ def t5_fixed_outputs(tokenizer, model, texts: Sequence[str], max_length: int, de
                      batch_size: int, store_dtype: np.dtype) -> list[np.ndarray]:
     """Per text, T5's last hidden state over all ``max_length`` positions, unmasked (SD3, Flux)."""
     rows: list[np.ndarray] = []
-    for _, output in encode_fixed(tokenizer, model, texts, max_length, device, batch_size):
+    for output in encode_fixed(tokenizer, model, texts, max_length, device, batch_size):
         rows.extend(to_store_array(output[0], store_dtype))
     return rows

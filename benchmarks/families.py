@@ -82,7 +82,7 @@ def instruction_tokens() -> int:
 
     from diffusers import SanaPipeline
 
-    from shardkit.tiny_models import _build_tokenizer
+    from shardkit.testing.tiny_models import _build_tokenizer
 
     lines = inspect.signature(SanaPipeline.__call__).parameters["complex_human_instruction"].default
     return len(_build_tokenizer()("\n".join(lines)).input_ids)

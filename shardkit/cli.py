@@ -13,7 +13,7 @@ from . import __version__
 from .config import (COMPUTE_DTYPES, DEVICES, EMPTY_CAPTION_POLICIES, RESIZE_MODES, STORE_DTYPES, TINY_MODELS_HOME,
                      make_config, preset_names)
 from .errors import ShardkitError
-from .tiny_pipelines import TINY_FAMILIES
+from .testing.tiny_pipelines import TINY_FAMILIES
 
 
 def _user_errors(fn):
@@ -183,7 +183,7 @@ def tiny_models(dest, family, seed, force):
     component tiny.
     """
     from .testing.tiny_models import write_tiny_models
-    from .tiny_pipelines import write_tiny_pipeline
+    from .testing.tiny_pipelines import write_tiny_pipeline
 
     if family and dest is None:
         raise ShardkitError("--pipeline needs DEST, the folder to write the tiny pipeline to")

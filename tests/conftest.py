@@ -151,7 +151,7 @@ def one_process_builds(tmp_path_factory, tiny_models, toy_dataset, synthetic_dat
 @pytest.fixture(scope="session")
 def tiny_pipeline(tmp_path_factory):
     """tiny_pipeline(family) -> the folder of that family's tiny diffusers pipeline, written once per session."""
-    from shardkit.tiny_pipelines import write_tiny_pipeline
+    from shardkit.testing.tiny_pipelines import write_tiny_pipeline
 
     root = tmp_path_factory.mktemp("pipelines")
     written: dict[str, Path] = {}

@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from shardkit.cli import main
-from shardkit.tiny_pipelines import TINY_FAMILIES, write_tiny_pipeline
+from shardkit.testing.tiny_pipelines import TINY_FAMILIES, write_tiny_pipeline
 
 
 def _hashes(folder: Path) -> dict[str, str]:

@@ -276,7 +276,7 @@ class ShardExecutor:
             features.update(window.result())
         for i, planned in enumerate(pending.planned):
             t5 = {name: features[ids.tobytes()] for name, ids in planned.token_ids.items()}
-            bad = non_finite_features(latents[i], t5)
+            bad = non_finite_features(latents[i], self._stored_text(t5))
             if bad is not None:
                 # Never train on NaN: the record is skipped, with what to change.
                 pending.skips.append(Skip(planned.record.index, planned.record.path, NON_FINITE_FEATURES,
@@ -302,15 +302,26 @@ class ShardExecutor:
             "latent_shape": list(latent.shape),
             "captions": planned.captions,
             "t5_fields": list(t5),
-            "t5_lengths": {name: int(array.shape[0]) for name, array in t5.items()},
+            "t5_lengths": {name: self.encoders.t5.stored_length(features) for name, features in t5.items()},
             "image_ext": image.extension if self.config.keep_images else None,
         }
+        family = self.encoders.family
+        if family is not None and family.family.micro_conditioning:
+            # SDXL's UNet takes the sizes and the crop this build made, per sample.
+            metadata["micro_conditioning"] = {
+                "original_size": list(image.original_hw), "crop_coords_top_left": [image.crop_top, image.crop_left],
+                "target_size": [plan.bucket.height, plan.bucket.width]}
         members = [("json", json_bytes(metadata)), ("txt", planned.captions[primary].encode("utf-8"))]
         if self.config.keep_images:
             members.append((image.extension, image.image_bytes))
         members.append(("latent.npy", npy_bytes(latent)))
-        members.extend((f"t5_{name}.npy", npy_bytes(array)) for name, array in t5.items())
+        members.extend((name, npy_bytes(array)) for name, array in self._stored_text(t5).items())
         return Sample(planned.key, members)
+
+    def _stored_text(self, t5: dict) -> dict[str, np.ndarray]:
+        """Tar member name -> array, for the text features of every caption field of a sample."""
+        return {name: array for field_name, features in t5.items()
+                for name, array in self.encoders.t5.stored_members(field_name, features)}
 
     def _finish_shard(self, plan: ShardPlan, shard_writer: ShardWriter | None, shard_skips: list[dict]) -> None:
         # Decode skips are found on the main thread, non-finite ones here: source order for both.
@@ -325,7 +336,7 @@ class ShardExecutor:
             written: WrittenShard = shard_writer.commit()
             self.samples_written += written.samples
             histogram: dict[str, Counter] = {}
-            written_keys = set(written.keys)
+            written_keys = set(written.keys) if self.encoders.family is None else set()  # T5 token counts only
             for planned in plan.records:
                 if planned.key in written_keys:
                     for name, ids in planned.token_ids.items():
@@ -357,7 +368,7 @@ class BuildJob:
         self.storage = Storage.for_url(output, storage_options_for(output, config.endpoint_url, storage_options))
         self.output = self.storage.location
         self.spec = resolve_source(source, config.image_root, _source_options(source, config, storage_options))
-        self.table = BucketTable(config.resolution)
+        self.table = bucket_table(config)
         # Every mistake in the options is found before the encoders load (seconds to minutes) and
         # before OUTPUT is created or changed.
         check_caption_fields(iter_records(self.spec, config.captions), config.captions, self.spec.describe())
@@ -365,7 +376,7 @@ class BuildJob:
         if encoders is not None:
             check_encoders_match(encoders, config)
         else:
-            announce(f"loading encoders: VAE {config.vae}, T5 {config.t5} ...")
+            announce(f"loading encoders: {_encoders_named(config)} ...")
             encoders = load_encoders(config, device or select_cuda_device(config.device, self.ranks))
         self.encoders = encoders
         self._prepare_output(overwrite)
@@ -449,18 +460,17 @@ class BuildJob:
 
     def _open_manifest(self, previous: Manifest | None) -> Manifest:
         """What every manifest of this build starts from; a manifest of other encoders is refused."""
-        encoders = {"vae": self.encoders.vae.identity.as_json(), "t5": self.encoders.t5.identity.as_json()}
+        encoders = self.encoders.identities()
         config = self.config.to_json()
         fresh = Manifest(config=config, encoders=encoders, resolution=self.config.resolution,
                          buckets=self.table.as_json(), sample_format=declare_from_config(config, encoders).as_json())
         if previous is None:
             return fresh
-        for name in ("vae", "t5"):
-            old = {k: v for k, v in previous.encoders[name].items() if k != "compute_dtype"}
-            new = getattr(self.encoders, name).identity.content_json()
+        for name, new in self.encoders.identities(content_only=True).items():
+            old = {k: v for k, v in previous.encoders.get(name, {}).items() if k != "compute_dtype"}
             if old != new:
                 raise ShardkitError(f"OUTPUT {self.output} was built with a different {name.upper()} "
-                                    f"({previous.encoders[name]['source']}); pass --overwrite to start over")
+                                    f"({previous.encoders.get(name, {}).get('source')}); pass --overwrite to start over")
         return fresh
 
     # ---- the plan ------------------------------------------------------------------------
@@ -503,6 +513,8 @@ class BuildJob:
         encoded and stored again. Ranks that waited for rank 0 take what it stored.
         """
         declared = self.header.declaration()
+        if self.encoders.family is not None:
+            return declared  # a pipeline build stores no empty caption (yet): caption dropout is the trainer's
         if planned:
             kept = self._stored_empty_caption(declared, follows_rank0=rendezvous and self.ranks.rank != 0)
             if kept is not None:
@@ -550,15 +562,17 @@ class BuildJob:
                          batching=self._batching(), shards=shards, skipped=skipped)
 
     def _encoder_identities(self) -> dict:
-        return {"vae": self.encoders.vae.identity.content_json(), "t5": self.encoders.t5.identity.content_json()}
+        return self.encoders.identities(content_only=True)
 
     def _batching(self) -> Batching:
         return Batching(vae_batch=self.config.batch_size, caption_window=caption_window_size(self.config),
                         t5_batch=self.config.t5_batch_size)
 
     def _planner(self, lookup_threads: bool = False) -> Planner:
-        return Planner(self.config, self.table, self.encoders.t5.tokenize, self.encoders.vae.feature_shape,
-                       self.encoders.t5.hidden_size, lookup_threads=self._lookup_threads() if lookup_threads else 0)
+        text = self.encoders.t5
+        return Planner(self.config, self.table, text.tokenize, self.encoders.vae.feature_shape,
+                       getattr(text, "hidden_size", 0), lookup_threads=self._lookup_threads() if lookup_threads else 0,
+                       caption_bytes=getattr(text, "caption_bytes", None))
 
     def _lookup_threads(self) -> int:
         """Threads that look images up ahead of the planner: each lookup in object storage is a
@@ -654,9 +668,24 @@ NON_FINITE_FEATURES = "non_finite_features"
 
 def non_finite_detail(what: str, encoders: Encoders, config: BuildConfig) -> str:
     """One line: what was not finite, how it was computed, and what to change."""
-    computed = f"VAE {encoders.vae.compute_dtype_name}, T5 {str(encoders.t5.dtype).replace('torch.', '')}"
+    computed = (f"VAE {encoders.vae.compute_dtype_name}, {encoders.text_role.upper()} "
+                f"{str(encoders.t5.dtype).replace('torch.', '')}")
     return (f"{what} has NaN or infinite values (computed in {computed}, stored as {config.store_dtype}); "
             f"rebuild with --dtype fp32 (or bf16), or --store-dtype fp32 if the values exceed fp16's range")
+
+
+def bucket_table(config: BuildConfig) -> BucketTable:
+    """The build's bucket table; a pipeline's family first checks that --resolution fits it
+    (every bucket divisible by its VAE downsampling x patching), in one line if not."""
+    if config.pipeline:
+        from .families import family_for, read_model_index
+
+        return family_for(read_model_index(config.pipeline)).bucket_table(config.resolution)
+    return BucketTable(config.resolution)
+
+
+def _encoders_named(config: BuildConfig) -> str:
+    return f"pipeline {config.pipeline}" if config.pipeline else f"VAE {config.vae}, T5 {config.t5}"
 
 
 def caption_window_size(config: BuildConfig) -> int:

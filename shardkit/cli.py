@@ -72,6 +72,10 @@ def _csv(_ctx, _param, value):
 @click.option("--t5", default=None,
               help="T5: Hugging Face id or a folder holding text_encoder/ and tokenizer/. [default: PixArt-alpha/pixart_sigma_sdxlvae_T5_diffusers]")
 @click.option("--max-length", type=int, default=None, help="T5 token limit (captions are truncated to it). [default: 300]")
+@click.option("--pipeline", default=None,
+              help="Encode as this diffusers text-to-image pipeline does (Hugging Face id or a folder with "
+                   "model_index.json): its VAE and text encoders only, instead of --vae/--t5. Supported: PixArt-α/Σ, "
+                   "Sana, SDXL, SD3, Flux.")
 @click.option("--dtype", type=click.Choice(COMPUTE_DTYPES), default=None,
               help="Encoder compute dtype; auto is fp16 on CUDA (fp16 autocast over fp32 weights for a VAE "
                    "whose config sets force_upcast), fp32 on CPU. [default: auto]")

@@ -30,7 +30,9 @@ DEFAULT_T5 = "PixArt-alpha/pixart_sigma_sdxlvae_T5_diffusers"
 TINY_MODELS_HOME = "~/.cache/shardkit/tiny-models"
 # Options that name a file or folder: in a preset, "~" is expanded, and a path starting with
 # "./" or "../" is taken relative to the .toml file (hub ids like "org/name" are left alone).
-PATH_FIELDS = ("vae", "t5", "image_root", "staging_dir")
+PATH_FIELDS = ("vae", "t5", "pipeline", "image_root", "staging_dir")
+# Options of the PixArt-Σ encoder pair; a --pipeline build takes its encoders from the pipeline instead.
+ENCODER_PAIR_FIELDS = ("vae", "vae_subfolder", "t5", "max_length")
 # PIL's own decompression-bomb threshold; larger images are skipped, not decoded.
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
 
@@ -63,6 +65,9 @@ class BuildConfig:
     vae_subfolder: str | None = None
     t5: str = DEFAULT_T5
     max_length: int = 300
+    # A diffusers pipeline (Hugging Face id or folder with model_index.json): its VAE and text
+    # encoders replace vae/t5, encoding as the pipeline does (shardkit.families).
+    pipeline: str | None = None
     dtype: str = "auto"
     # Batching and shard limits.
     batch_size: int = 16
@@ -120,6 +125,8 @@ class BuildConfig:
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["captions"] = list(self.captions)
+        if self.pipeline is None:
+            del data["pipeline"]  # builds of the encoder pair record what they always recorded
         return data
 
     def content_fields(self) -> dict[str, Any]:
@@ -189,6 +196,10 @@ def make_config(preset: str | None = None, **overrides: Any) -> BuildConfig:
     if preset:
         values.update(read_preset(preset))
     values.update({k: v for k, v in overrides.items() if v is not None})
+    pair = [name for name in ENCODER_PAIR_FIELDS if values.get(name) is not None]
+    if values.get("pipeline") and pair:
+        raise ConfigError(f"--pipeline takes the VAE and text encoders from the pipeline; drop "
+                          f"{', '.join('--' + name.replace('_', '-') for name in pair)} (or drop --pipeline)")
     try:
         return BuildConfig(**values)
     except TypeError as exc:

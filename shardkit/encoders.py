@@ -16,7 +16,7 @@ import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -428,6 +428,15 @@ class T5Encoder:
     def hidden_size(self) -> int:
         return self.identity.hidden_size
 
+    @staticmethod
+    def stored_members(field: str, features: np.ndarray) -> list[tuple[str, np.ndarray]]:
+        """The tar members of one caption field's features: ``t5_<field>.npy``."""
+        return [(f"t5_{field}.npy", features)]
+
+    @staticmethod
+    def stored_length(features: np.ndarray) -> int:
+        return int(features.shape[0])
+
     def tokenize(self, text: str) -> list[int]:
         """Token ids of one caption, truncated to max_length (the end-of-sequence token included)."""
         return self.tokenizer(text, max_length=self.max_length, truncation=True, add_special_tokens=True)["input_ids"]
@@ -526,14 +535,32 @@ def _t5_subfolders(source: str) -> tuple[str | None, str | None]:
 
 @dataclass
 class Encoders:
+    """The image role (``vae``) and the text role (``t5``) of a build: PixArt-Σ's SDXL VAE and
+    T5, or a diffusers pipeline's (``family``: ``families.PipelineEncoders``, in the same roles)."""
+
     vae: VaeEncoder
     t5: T5Encoder
     device: torch.device
+    family: Any = None
+
+    @property
+    def text_role(self) -> str:
+        """The manifest's name of the text role: "t5", or "text" for a pipeline's encoders."""
+        return "t5" if self.family is None else "text"
+
+    def identities(self, content_only: bool = False) -> dict:
+        """What the manifest (or, ``content_only``, the plan and a resume) records of both roles."""
+        as_json = (lambda identity: identity.content_json()) if content_only else (lambda identity: identity.as_json())
+        return {"vae": as_json(self.vae.identity), self.text_role: as_json(self.t5.identity)}
 
 
 def load_encoders(config: BuildConfig, device: str | None = None) -> Encoders:
     """Both encoders on ``device`` (e.g. a rank's ``cuda:LOCAL_RANK``), else on the config's device."""
     device = torch.device(device) if device else resolve_device(config.device)
+    if config.pipeline:
+        from .families.stage import load_family_encoders
+
+        return load_family_encoders(config.pipeline, device, config.dtype, STORE_NUMPY_DTYPES[config.store_dtype])
     local_files_only = check_hub_access(config)
     return Encoders(vae=VaeEncoder(config, device, local_files_only), t5=T5Encoder(config, device, local_files_only),
                     device=device)
@@ -541,6 +568,10 @@ def load_encoders(config: BuildConfig, device: str | None = None) -> Encoders:
 
 def check_encoders_match(encoders: Encoders, config: BuildConfig) -> None:
     """Encoders loaded for one config may serve another only if they would write the same things."""
+    if encoders.family is not None or config.pipeline:
+        if encoders.family is None or encoders.family.source != config.pipeline:
+            raise ValueError(f"encoders were loaded for another pipeline than {config.pipeline!r}")
+        return
     expected = load_identity_fields(config)
     actual = {"vae": encoders.vae.identity.source, "vae_subfolder": encoders.vae.identity.subfolder,
               "t5": encoders.t5.identity.source, "store_dtype": encoders.vae.identity.store_dtype,

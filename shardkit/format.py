@@ -55,12 +55,19 @@ DEFAULT_VAE_DOWNSAMPLE = 8  # manifests that predate the recorded factor were al
 MAX_TEXT_BYTES = 16 << 20
 MAX_ARRAY_BYTES_UNDECLARED = 1 << 30  # arrays of shards read without their manifest
 EMPTY_CAPTION_FOLDER = "empty_caption"
+# SDXL's per-sample sizes (height, width) and crop (top, left), in a pipeline build's metadata record.
+MICRO_CONDITIONING = ("original_size", "crop_coords_top_left", "target_size")
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # PIL's decompression-bomb limit, the build's default
 NPY_HEADER_BYTES = 1 << 16  # np.save writes ~128; version 1 headers cannot pass 64 KiB
 
 
 def caption_member(name: str) -> str:
     return f"t5_{name}.npy"
+
+
+def family_member(field: str, member: str) -> str:
+    """A pipeline build's member of one caption field: ``<field>.<member>.npy``."""
+    return f"{field}.{member}.npy"
 
 
 def split_member_name(name: str) -> tuple[str, str] | None:
@@ -156,18 +163,37 @@ class SampleFormat:
     free_dims: dict[str, tuple[int | str, int | str]] = field(default_factory=dict)  # "L": (1, "max_length")
     # Text encoder -> its stored empty-caption encoding; empty in builds made before they were stored.
     empty_captions: dict[str, EmptyCaption] = field(default_factory=dict)
+    # A --pipeline build: the pipeline's identity (families.PipelineEncoders.identity()): its
+    # class and family, its latents' normalisation, its text settings and members.
+    pipeline: dict[str, Any] | None = None
 
     @property
     def primary(self) -> str:
         return self.captions[0]
 
+    @property
+    def micro_conditioning(self) -> bool:
+        """Whether each metadata record holds SDXL's micro-conditioning (``MICRO_CONDITIONING``)."""
+        return self.pipeline is not None and any(member["name"] in MICRO_CONDITIONING
+                                                 for member in self.pipeline.get("members", ()))
+
+    @property
+    def text_members(self) -> tuple[MemberSpec, ...]:
+        """The members stored per caption field (their names hold ``{field}``)."""
+        return tuple(member for member in self.members if "{field}" in member.name)
+
     def spec(self, suffix: str) -> MemberSpec | None:
         for member in self.members:
             if member.name == suffix:
                 return member
-            if member.name.startswith("t5_{") and suffix.startswith("t5_") and suffix.endswith(".npy"):
+        for member in self.text_members:
+            if _field_pattern(member.name).fullmatch(suffix):
                 return member
         return None
+
+    def field_members(self, field: str) -> list[tuple[str, MemberSpec]]:
+        """(member name, its spec) of each array stored for caption field ``field``."""
+        return [(member.name.replace("{field}", field), member) for member in self.text_members]
 
     def _value(self, term: str, env: dict[str, int]) -> int:
         return int(term) if term.isdigit() else int(env[term])
@@ -214,6 +240,7 @@ class SampleFormat:
                 "params": dict(self.params), "store_dtype": self.store_dtype, "captions": list(self.captions),
                 "keep_images": self.keep_images, "free_dims": {k: list(v) for k, v in self.free_dims.items()},
                 "members": [m.as_json() for m in self.members],
+                **({"pipeline": self.pipeline} if self.pipeline is not None else {}),
                 **({"empty_captions": {name: e.as_json() for name, e in self.empty_captions.items()}}
                    if self.empty_captions else {})}
 
@@ -231,7 +258,8 @@ class SampleFormat:
                            keep_images=bool(data["keep_images"]), members=members,
                            free_dims={k: (v[0], v[1]) for k, v in (data.get("free_dims") or {}).items()},
                            empty_captions={str(k): EmptyCaption.from_json(k, v)
-                                           for k, v in (data.get("empty_captions") or {}).items()})
+                                           for k, v in (data.get("empty_captions") or {}).items()},
+                           pipeline=dict(data["pipeline"]) if data.get("pipeline") is not None else None)
         except ShardkitError:
             raise
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
@@ -239,6 +267,12 @@ class SampleFormat:
         if not declared.captions:
             raise ShardkitError("the manifest's sample_format names no caption field")
         return declared
+
+
+@functools.lru_cache(maxsize=64)
+def _field_pattern(name: str) -> re.Pattern:
+    """A member name with ``{field}`` as a pattern matching it for any caption field."""
+    return re.compile(re.escape(name).replace(re.escape("{field}"), "[A-Za-z0-9_]+"))
 
 
 def image_bound(max_image_pixels: int) -> int:
@@ -280,9 +314,51 @@ def declare(*, captions: Iterable[str], keep_images: bool, store_dtype: str, lat
                         members=tuple(members), free_dims={"L": (1, "max_length")})
 
 
+def declare_pipeline(*, captions: Iterable[str], keep_images: bool, store_dtype: str, pipeline: dict[str, Any],
+                     max_image_bytes: int | None = None) -> SampleFormat:
+    """The declaration of a --pipeline build, from the pipeline's identity: its latents
+    (``families.LatentSpec``) and its members (``families.Member``), per caption field."""
+    dtype = STORE_DTYPES.get(store_dtype, store_dtype)
+    latents = pipeline["latents"]
+    members = [MemberSpec(METADATA, "shardkit metadata record (JSON object)"),
+               MemberSpec(TEXT, "the first caption field (UTF-8 text)")]
+    if keep_images:
+        members.append(MemberSpec("{image_ext}", "source image", required=True))
+    if latents["stored"] == "mean_std":
+        members.append(MemberSpec(LATENT, f"vae ({latents['vae_class']}): posterior mean and std, concatenated on "
+                                          f"channels", dtype, ("2*C", "H/f", "W/f")))
+    else:
+        members.append(MemberSpec(LATENT, f"vae ({latents['vae_class']}): the latent", dtype, ("C", "H/f", "W/f")))
+    max_rows = 1
+    for member in pipeline["members"]:
+        if member["dtype"] != "store":
+            continue  # per sample, in the metadata record (SDXL's micro-conditioning)
+        if member["max_rows"]:
+            max_rows = max(max_rows, int(member["max_rows"]))
+        members.append(MemberSpec(family_member("{field}", member["name"]), member["made_by"], dtype,
+                                  tuple(str(d) for d in member["shape"])))
+    params = {"C": int(latents["latent_channels"]), "f": int(latents["downsample"]), "max_length": max_rows}
+    if keep_images:
+        params["max_image_bytes"] = int(max_image_bytes or image_bound(DEFAULT_MAX_IMAGE_PIXELS))
+    return SampleFormat(version=FORMAT_VERSION, params=params, store_dtype=str(np.dtype(dtype)),
+                        captions=tuple(captions), keep_images=bool(keep_images), members=tuple(members),
+                        free_dims={"L": (1, "max_length")}, pipeline=pipeline)
+
+
 def declare_from_config(config: dict[str, Any], encoders: dict[str, dict]) -> SampleFormat:
     """The declaration implied by a build's config and encoder identities: what build writes, and
     what a manifest from before the declaration is read as."""
+    if config.get("pipeline"):
+        try:
+            text = encoders["text"]
+            return declare_pipeline(captions=tuple(config["captions"]), keep_images=bool(config["keep_images"]),
+                                    store_dtype=config["store_dtype"], max_image_bytes=config.get("max_image_bytes")
+                                    or image_bound(config.get("max_image_pixels") or DEFAULT_MAX_IMAGE_PIXELS),
+                                    pipeline={k: text[k] for k in ("pipeline_class", "family", "source", "latents",
+                                                                   "text", "members")})
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ShardkitError(f"the manifest lacks {exc} in its pipeline's identity; its sample format is "
+                                f"unknown") from None
     try:
         store = config["store_dtype"]
         if store not in STORE_DTYPES:
@@ -360,6 +436,15 @@ def metadata_problems(meta: dict[str, Any], key: str, fmt: SampleFormat | None) 
             problems.append(f"{key}.json has no t5_lengths entry for {name!r}")
         if name not in captions:
             problems.append(f"{key}.json has no caption text for {name!r}")
+    if fmt is not None and fmt.micro_conditioning:
+        micro = meta.get("micro_conditioning")
+        if not (isinstance(micro, dict) and all(isinstance(micro.get(name), list) and len(micro[name]) == 2
+                                                and all(type(v) is int and v >= 0 for v in micro[name])
+                                                for name in MICRO_CONDITIONING)):
+            problems.append(f"{key}.json micro_conditioning is {micro!r}, not {{{', '.join(MICRO_CONDITIONING)}}} "
+                            f"as [int, int] each")
+        elif micro["target_size"] != meta.get("bucket_hw"):
+            problems.append(f"{key}.json target_size {micro['target_size']} is not its bucket {meta.get('bucket_hw')}")
     return problems
 
 

@@ -140,7 +140,8 @@ class Planner:
     def __init__(self, config: BuildConfig, table: BucketTable, tokenize: Callable[[str], list[int]],
                  latent_shape: Callable[[int, int], tuple[int, int, int]], hidden_size: int,
                  lookup_threads: int = 0,
-                 on_skip: Callable[[Skip], None] | None = None):
+                 on_skip: Callable[[Skip], None] | None = None,
+                 caption_bytes: Callable[[np.ndarray], int] | None = None):
         self.config = config
         self.table = table
         self.tokenize = tokenize
@@ -149,6 +150,9 @@ class Planner:
         self.feature_itemsize = 2 if config.store_dtype == "fp16" else 4
         self.lookup_threads = lookup_threads
         self.on_skip = on_skip
+        # Bytes one caption field takes in the tar; default: its T5 rows.
+        self.caption_bytes = caption_bytes or (lambda ids: len(ids) * self.hidden_size * self.feature_itemsize
+                                               + _NPY_HEADER + _TAR_MEMBER_OVERHEAD)
         self.stats = PlanStats()
         self._seen_paths: set[str] = set()
         self._seen_keys: set[str] = set()
@@ -288,7 +292,7 @@ class Planner:
         latent = math.prod(self.latent_shape(bucket.height, bucket.width)) * self.feature_itemsize
         size += latent + _NPY_HEADER + _TAR_MEMBER_OVERHEAD
         for ids in token_ids.values():
-            size += len(ids) * self.hidden_size * self.feature_itemsize + _NPY_HEADER + _TAR_MEMBER_OVERHEAD
+            size += self.caption_bytes(ids)
         return size
 
 

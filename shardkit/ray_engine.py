@@ -84,7 +84,7 @@ class ShardActor:
 
     def identities(self) -> dict:
         """The encoders as the manifest records them (their compute dtype is the actor's, not the driver's)."""
-        return {"vae": self.encoders.vae.identity.as_json(), "t5": self.encoders.t5.identity.as_json()}
+        return self.encoders.identities()
 
     def write(self, shard: ShardPlan) -> tuple[int, int]:
         """Write one shard of the plan (and its done record); returns its records and the samples written."""

@@ -150,7 +150,8 @@ def format_summary(s: Summary) -> list[str]:
         f"{s.records_read} records read, {s.records_skipped} skipped"
         + ("" if s.status == "complete" else " so far (unfinished: rerun `shardkit build` to resume)"),
         f"  resolution {s.resolution}, resize {config.get('resize_mode')}, captions {', '.join(config.get('captions', []))}, "
-        f"max_length {config.get('max_length')}, stored as {config.get('store_dtype')}, "
+        + (f"pipeline {config['pipeline']}" if config.get("pipeline") else f"max_length {config.get('max_length')}")
+        + f", stored as {config.get('store_dtype')}, "
         f"images {'kept' if config.get('keep_images') else 'left out'}",
         "",
         "  bucket   size       samples  shards      bytes",

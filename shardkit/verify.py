@@ -20,7 +20,7 @@ from typing import Any, BinaryIO, Callable, Iterator
 import numpy as np
 
 from .errors import ShardFormatError, ShardkitError, ShardTruncatedError
-from .format import (KEY_PATTERN, all_finite, LATENT, METADATA, TEXT, SampleFormat, caption_member, load_empty_caption,
+from .format import (KEY_PATTERN, all_finite, LATENT, METADATA, TEXT, SampleFormat, load_empty_caption,
                      member_bounds, metadata_problems, parse_metadata, read_npy)
 from .manifest import FAILURES_NAME, ShardEntry, ShardSet
 from .shards import TEMP_PREFIX
@@ -200,7 +200,7 @@ class _SampleChecker:
             except UnicodeDecodeError as exc:
                 problem(UNREADABLE_MEMBER, f"{key}.txt is not UTF-8 ({exc.reason} at byte {exc.start})")
         self._check_latent(members, entry, key, problem)
-        stored = self._check_t5(members, t5_fields, t5_lengths, key, problem)
+        stored = self._check_text(members, entry, t5_fields, t5_lengths, key, problem)
         return _SampleResult(key=key, findings=findings, token_lengths=stored)
 
     # ---- parts of one sample -------------------------------------------------------------
@@ -227,7 +227,8 @@ class _SampleChecker:
 
     def _check_members(self, members: dict[str, bytes], meta: dict | None, t5_fields: list[str], key: str, problem) -> None:
         primary = self.fmt.primary
-        expected = {METADATA, TEXT, LATENT, caption_member(primary)} | {caption_member(f) for f in t5_fields}
+        expected = {METADATA, TEXT, LATENT} | {name for f in dict.fromkeys([primary, *t5_fields])
+                                               for name, _ in self.fmt.field_members(f)}
         if meta is not None and primary not in t5_fields:
             problem(INCOMPLETE_SAMPLE, f"the primary caption field {primary!r} is not in t5_fields {t5_fields}")
         if self.fmt.keep_images:
@@ -282,22 +283,28 @@ class _SampleChecker:
                 problem(NEGATIVE_STD, f"the std half of the latent (channels {channels}-{2 * channels - 1}) "
                                       f"holds {negative} negative values")
 
-    def _check_t5(self, members: dict[str, bytes], t5_fields: list[str], t5_lengths: dict[str, int],
-                  key: str, problem) -> dict[str, int]:
+    def _check_text(self, members: dict[str, bytes], entry: ShardEntry, t5_fields: list[str],
+                    t5_lengths: dict[str, int], key: str, problem) -> dict[str, int]:
+        """Each caption field's arrays against the declaration's shape rules; returns the stored
+        T5 lengths (the manifest's token histogram; pipeline builds keep none)."""
         stored: dict[str, int] = {}
-        hidden, max_length = self.fmt.params["D"], self.fmt.params["max_length"]
         for name in dict.fromkeys([self.fmt.primary, *t5_fields]):
-            features = self._load(members, f"t5_{name}.npy", key, problem)
-            if features is None:
-                continue
-            what = f"t5_{name}"
-            if features.ndim != 2 or features.shape[1] != hidden or not 1 <= features.shape[0] <= max_length:
-                problem(T5_SHAPE, f"{what} is {list(features.shape)}, needs [L, {hidden}] with 1 <= L <= {max_length}")
-            elif name in t5_lengths and t5_lengths[name] != features.shape[0]:
-                problem(T5_SHAPE, f"{what} has {features.shape[0]} tokens, the metadata's t5_lengths says {t5_lengths[name]}")
-            else:
-                stored[name] = int(features.shape[0])
-            self._check_values(features, what, problem)
+            for position, (member, spec) in enumerate(self.fmt.field_members(name)):
+                features = self._load(members, member, key, problem)
+                if features is None:
+                    continue
+                what = member[:-len(".npy")]
+                bounds = self.fmt.shape_rule(spec, entry.bucket_hw)
+                if features.ndim != len(bounds) or not all(low <= d <= high for d, (low, high)
+                                                           in zip(features.shape, bounds)):
+                    rule = ", ".join(str(low) if low == high else f"{low}..{high}" for low, high in bounds)
+                    problem(T5_SHAPE, f"{what} is {list(features.shape)}, needs [{rule}]")
+                elif position == 0 and name in t5_lengths and t5_lengths[name] != features.shape[0]:
+                    problem(T5_SHAPE, f"{what} has {features.shape[0]} rows, the metadata's t5_lengths says "
+                                      f"{t5_lengths[name]}")
+                elif position == 0 and self.fmt.pipeline is None:
+                    stored[name] = int(features.shape[0])
+                self._check_values(features, what, problem)
         return stored
 
 

@@ -21,29 +21,39 @@ LATENT_MODES = ("sample", "mean")
 
 
 def latents_from_stored(spec: LatentSpec, stored: Sequence[np.ndarray], latent: str = "sample",
-                        normalize: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+                        normalize: bool = False, generator: torch.Generator | None = None,
+                        seeds: Sequence[int] | None = None) -> torch.Tensor:
     """``[B, C, h, w]`` float32 from the stored latents of one bucket.
 
     ``latent``: ``"sample"`` draws ``mean + std * noise`` from an AutoencoderKL's stored
     posterior, ``"mean"`` takes its mean; a DC-AE latent is deterministic and returned as
-    stored either way. ``normalize`` applies ``(x - shift_factor) * scaling_factor``.
+    stored either way. ``seeds``: one per sample, its noise's seed (the same sample gets the
+    same noise in whatever batch it lands); else ``generator`` draws the batch's noise.
+    ``normalize`` applies ``(x - shift_factor) * scaling_factor``.
     """
     if latent not in LATENT_MODES:
         raise ValueError(f"latent must be one of {LATENT_MODES}, got {latent!r}")
     batch = torch.from_numpy(np.stack(stored)).float()
     if spec.stored == "mean_std":
         mean, std = batch[:, :spec.latent_channels], batch[:, spec.latent_channels:]
-        batch = mean if latent == "mean" else mean + std * torch.randn(mean.shape, generator=generator)
+        if latent == "mean":
+            batch = mean
+        elif seeds is not None:
+            noise = torch.stack([torch.randn(mean.shape[1:], generator=torch.Generator().manual_seed(seed))
+                                 for seed in seeds])
+            batch = mean + std * noise
+        else:
+            batch = mean + std * torch.randn(mean.shape, generator=generator)
     return spec.normalize(batch) if normalize else batch
 
 
 def diffusers_batch(family: Family, spec: LatentSpec, latents: Sequence[np.ndarray],
                     texts: Sequence[dict[str, np.ndarray]], keys: Sequence[str], captions: Sequence[str], *,
                     latent: str = "sample", normalize: bool = False,
-                    generator: torch.Generator | None = None) -> dict:
+                    generator: torch.Generator | None = None, seeds: Sequence[int] | None = None) -> dict:
     """The family's training batch: latents, its ``encode_prompt`` outputs (and, for SDXL, the
     micro-conditioning members the samples carry), keys and captions."""
-    batch = {"latents": latents_from_stored(spec, latents, latent, normalize, generator)}
+    batch = {"latents": latents_from_stored(spec, latents, latent, normalize, generator, seeds)}
     batch.update(family.assemble(texts))
     batch["keys"] = list(keys)
     batch["captions"] = list(captions)

@@ -26,7 +26,8 @@ from ..format import pad_caption_feature
 from .epoch import derive_seed
 from .stages import DecodedSample
 
-LAYOUTS = ("tuple", "dict")
+PIXART_LAYOUTS = ("tuple", "dict")
+LAYOUTS = (*PIXART_LAYOUTS, "diffusers")  # "diffusers": DiffusersCollate
 LATENT_MODES = ("sample", "mean")
 CAPTION_PADDINGS = ("max_length", "longest")
 _FLOAT32_EXACT = (torch.float16, torch.bfloat16, torch.float32)  # dtypes float32 holds exactly
@@ -124,7 +125,7 @@ class PixArtCollate:
     buffers: "BatchBuffers" = field(default_factory=lambda: BatchBuffers())
 
     def __post_init__(self) -> None:
-        for name, value, allowed in (("latent", self.latent, LATENT_MODES), ("layout", self.layout, LAYOUTS),
+        for name, value, allowed in (("latent", self.latent, LATENT_MODES), ("layout", self.layout, PIXART_LAYOUTS),
                                      ("caption_padding", self.caption_padding, CAPTION_PADDINGS)):
             if value not in allowed:
                 raise ShardkitError(f"{name} must be one of {allowed}, got {value!r}")
@@ -207,3 +208,53 @@ class PixArtCollate:
         return {"latent": latent, "caption_feature": caption_feature, "attention_mask": mask, "data_info": data_info,
                 "keys": [s.key for s in samples], "prompt": [s.prompt for s in samples],
                 "caption_field": [s.caption_field for s in samples], "bucket": samples[0].bucket}
+
+
+@dataclass
+class DiffusersCollate:
+    """Samples of one bucket -> the diffusers layout: ``latents`` plus what the family's
+    pipeline's ``encode_prompt`` returns, under its names (``families.collate.diffusers_batch``).
+
+    ``max_length`` set: a build of PixArt-Σ's encoder pair (``--t5``), its T5 rows right-padded
+    with zeros to it and masked as ``PixArtSigmaPipeline.encode_prompt`` returns them; None: a
+    ``--pipeline`` build, assembled by its family. Latent noise comes from (seed, epoch, key).
+    """
+
+    family: Any  # families.Family
+    spec: Any  # families.LatentSpec
+    max_length: int | None = None
+    latent: str = "sample"
+    normalize: bool = False
+    dtype: torch.dtype | None = None
+    seed: int = 0
+
+    def __call__(self, samples: Sequence[DecodedSample], epoch: int) -> dict:
+        from ..families.collate import diffusers_batch
+
+        if len({s.bucket for s in samples}) != 1:
+            raise ValueError("a batch must hold samples of one bucket")
+        texts = [s.text if s.text is not None else {"prompt_embeds": s.caption_feature} for s in samples]
+        family = self.family
+        if self.max_length is not None:
+            family = _PaddedRows(self.max_length)
+        batch = diffusers_batch(family, self.spec, [s.moments for s in samples], texts, [s.key for s in samples],
+                                [s.prompt for s in samples], latent=self.latent, normalize=self.normalize,
+                                seeds=[derive_seed(self.seed, epoch, s.key, "noise") for s in samples])
+        if self.dtype is not None:
+            batch = {name: value.to(self.dtype) if torch.is_tensor(value) and value.is_floating_point() else value
+                     for name, value in batch.items()}
+        return batch
+
+
+@dataclass(frozen=True)
+class _PaddedRows:
+    """PixArt-Σ's encode_prompt outputs from a --t5 build's valid rows: zeros past them, masked."""
+
+    max_length: int
+
+    def assemble(self, stored: Sequence[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
+        from ..families.base import right_pad
+
+        embeds, mask = right_pad([torch.from_numpy(sample["prompt_embeds"][:self.max_length]) for sample in stored],
+                                 self.max_length)
+        return {"prompt_embeds": embeds, "prompt_attention_mask": mask}

@@ -33,7 +33,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ..errors import ShardkitError, ShardReadError
-from .collate import CAPTION_PADDINGS, LATENT_MODES, LAYOUTS, PixArtCollate
+from .collate import CAPTION_PADDINGS, LATENT_MODES, LAYOUTS, DiffusersCollate, PixArtCollate
 from .epoch import ReaderPlan, ShardInfo, ShardPiece, derive_seed, epoch_batch_count, plan_builds, split_evenly
 from .stages import DecodedSample, SampleDecoder, full_batches, shuffled
 from .store import BuildInfo, ReaderStats, ShardStore, empty_caption, resolve_build
@@ -132,7 +132,8 @@ class ShardReader(IterableDataset):
                  scale_factor: float | None = None, dtype: torch.dtype | None = None,
                  mask_dtype: torch.dtype = torch.int16, max_length: int | None = None,
                  caption_padding: str = "max_length", caption_fields: Sequence[str] | None = None,
-                 real_prompt_ratio: float = 1.0, layout: str = "tuple", shuffle: bool = True, shuffle_buffer: int = 128, seed: int = 0,
+                 real_prompt_ratio: float = 1.0, layout: str | None = None, normalize: bool = False,
+                 shuffle: bool = True, shuffle_buffer: int = 128, seed: int = 0,
                  caption_dropout: float = 0.0,
                  drop_last: bool | None = None, rank: int | None = None, world_size: int | None = None,
                  resampled: bool = False, batches_per_epoch: int | None = None,
@@ -142,7 +143,7 @@ class ShardReader(IterableDataset):
         super().__init__()
         _require(isinstance(batch_size, int) and batch_size >= 1, f"batch_size must be a positive integer, got {batch_size!r}")
         _require(latent in LATENT_MODES, f"latent must be one of {LATENT_MODES}, got {latent!r}")
-        _require(layout in LAYOUTS, f"layout must be one of {LAYOUTS}, got {layout!r}")
+        _require(layout is None or layout in LAYOUTS, f"layout must be one of {LAYOUTS}, got {layout!r}")
         _require(caption_padding in CAPTION_PADDINGS,
                  f"caption_padding must be one of {CAPTION_PADDINGS}, got {caption_padding!r}")
         _require(0.0 <= real_prompt_ratio <= 1.0, f"real_prompt_ratio must be within [0, 1], got {real_prompt_ratio}")
@@ -179,8 +180,18 @@ class ShardReader(IterableDataset):
                                        empty_caption=empty_caption(build, self.store) if 0 < caption_dropout <= 1 else None)
                          for source, (info, build) in enumerate(zip(self.infos, resolved))]
         self.decoder = self.decoders[0]
-        self.collate = PixArtCollate(max_length=self.max_length, latent=latent, scale_factor=scale_factor, dtype=dtype,
-                                     mask_dtype=mask_dtype, caption_padding=caption_padding, layout=layout, seed=seed)
+        self.layout = layout or ("diffusers" if self.info.pipeline is not None else "tuple")
+        if self.layout == "diffusers":
+            self.collate = diffusers_collate(self.info, latent=latent, normalize=normalize, dtype=dtype, seed=seed,
+                                             max_length=max_length)
+        else:
+            _require(self.info.pipeline is None,
+                     f"this is a {self.info.pipeline and self.info.pipeline['pipeline_class']} build: read it with "
+                     f"layout='diffusers' (PixArt's tuple layout is for builds of --vae/--t5)")
+            _require(not normalize, "normalize applies to layout='diffusers'; PixArt's layout takes scale_factor")
+            self.collate = PixArtCollate(max_length=self.max_length, latent=latent, scale_factor=scale_factor,
+                                         dtype=dtype, mask_dtype=mask_dtype, caption_padding=caption_padding,
+                                         layout=self.layout, seed=seed)
         self.shuffle = shuffle
         self.shuffle_buffer = shuffle_buffer if shuffle else 0
         self.seed = seed
@@ -510,11 +521,31 @@ def _require_same_features(infos: Sequence[BuildInfo], locations: Sequence[str])
     first = infos[0]
     for info, location in zip(infos[1:], locations[1:]):
         differ = [f"{name} {getattr(first, name)} vs {getattr(info, name)}"
-                  for name in ("latent_channels", "caption_channels", "max_length", "store_dtype")
+                  for name in ("family", "latent_channels", "caption_channels", "max_length", "store_dtype")
                   if getattr(first, name) != getattr(info, name)]
         if differ:
             raise ShardkitError(f"{location} cannot be mixed with {locations[0]}: their features differ "
                                 f"({', '.join(differ)})")
+
+
+def diffusers_collate(info: BuildInfo, *, latent: str, normalize: bool, dtype: torch.dtype | None, seed: int,
+                      max_length: int | None) -> DiffusersCollate:
+    """The diffusers layout of a build: a --pipeline build's family, or, for a build of PixArt-Σ's
+    encoder pair, PixArtSigmaPipeline's outputs from its T5 rows and SDXL-VAE posterior."""
+    from ..families import LatentSpec, family_by_name
+
+    _require(info.sample_format is not None, "layout='diffusers' needs the build's manifest (pass the build folder "
+                                             "or its manifest.json, not a list of shards)")
+    if info.pipeline is not None:
+        return DiffusersCollate(family_by_name(info.pipeline["family"]), LatentSpec(**info.pipeline["latents"]),
+                                latent=latent, normalize=normalize, dtype=dtype, seed=seed)
+    _require(info.scaling_factor is not None, "this build's manifest records no VAE scaling_factor; read it with "
+                                              "layout='tuple'")
+    params = info.sample_format.params
+    spec = LatentSpec(vae_class="AutoencoderKL", stored="mean_std", latent_channels=int(params["C"]),
+                      downsample=int(params["f"]), scaling_factor=float(info.scaling_factor), shift_factor=None)
+    return DiffusersCollate(family_by_name("pixart-sigma"), spec, max_length=max_length or info.max_length,
+                            latent=latent, normalize=normalize, dtype=dtype, seed=seed)
 
 
 def _require(condition: bool, message: str) -> None:

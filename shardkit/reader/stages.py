@@ -16,7 +16,8 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from ..errors import ShardFormatError, ShardkitError
-from ..format import LATENT, METADATA, SampleFormat, caption_member, check_metadata, parse_metadata, read_npy
+from ..format import (LATENT, METADATA, MICRO_CONDITIONING, SampleFormat, caption_member, check_metadata,
+                      parse_metadata, read_npy)
 from ..tario import TarSample
 from .epoch import derive_seed
 
@@ -29,8 +30,10 @@ class DecodedSample:
     moments: np.ndarray  # [2C, h, w]: the posterior mean and std, as stored
     caption_field: str  # "" for a dropped caption
     prompt: str  # "" for a dropped caption
-    caption_feature: np.ndarray  # [L, D]: the valid tokens only
+    caption_feature: np.ndarray  # [L, D]: the valid tokens only (a pipeline build: its first member)
     source: int = 0  # which of the reader's builds it comes from
+    # A pipeline build: the chosen field's members by name, plus SDXL's micro-conditioning.
+    text: dict[str, np.ndarray] | None = None
 
     @property
     def group(self) -> tuple[int, str]:
@@ -87,20 +90,27 @@ class SampleDecoder:
         """Whether the sample's caption is dropped this epoch."""
         return self.caption_dropout > 0 and _uniform(derive_seed(self.seed, epoch, key, "dropout")) < self.caption_dropout
 
+    def field_members(self, field: str) -> list[str]:
+        """The members holding caption field ``field``'s features (``t5_<field>.npy``, or a
+        pipeline build's ``<field>.<member>.npy``), as the build declares them."""
+        if self.sample_format is None:
+            return [caption_member(field)]
+        return [name for name, _ in self.sample_format.field_members(field)]
+
     def wanted(self, epoch: int) -> Callable[[str, str], bool]:
         """The members ``decode`` may use: the .json, the latent, the first caption field's T5
         rows, and the second field's only where the sample's draw may choose it; no caption rows
         for a dropped caption. The image, the .txt and the other caption fields are skipped unread."""
-        first = caption_member(self.caption_fields[0])
-        second = caption_member(self.caption_fields[1]) if len(self.caption_fields) > 1 else None
+        first = set(self.field_members(self.caption_fields[0]))
+        second = set(self.field_members(self.caption_fields[1])) if len(self.caption_fields) > 1 else set()
         ratio = self.real_prompt_ratio
 
         def want(key: str, suffix: str) -> bool:
             if suffix == METADATA or suffix == LATENT:
                 return True
-            if suffix not in (first, second) or self.dropped(key, epoch):
+            if (suffix not in first and suffix not in second) or self.dropped(key, epoch):
                 return False
-            return suffix == first or self.caption_draw(key, epoch) >= ratio
+            return suffix in first or self.caption_draw(key, epoch) >= ratio
 
         return want
 
@@ -112,26 +122,50 @@ class SampleDecoder:
         if LATENT not in raw.members:
             raise ShardFormatError(f"sample {raw.key!r} has no latent.npy member")
         moments = read_npy(raw.members[LATENT], f"{raw.key}.{LATENT}")
-        if moments.ndim != 3 or moments.shape[0] % 2 or list(moments.shape) != meta.get("latent_shape"):
+        posterior = self.sample_format is None or self.sample_format.spec(LATENT).shape[0] == "2*C"
+        if moments.ndim != 3 or (posterior and moments.shape[0] % 2) or list(moments.shape) != meta.get("latent_shape"):
             raise ShardFormatError(f"sample {raw.key!r}: latent shape {list(moments.shape)}, "
                                    f"its .json says {meta.get('latent_shape')} ([2C, h, w])")
         height, width = meta["original_hw"]
         if self.dropped(raw.key, epoch):
             return DecodedSample(key=raw.key, bucket=meta["bucket"], original_hw=(height, width), moments=moments,
                                  caption_field="", prompt="", caption_feature=self.empty_caption, source=self.source)
-        available = [name for name in meta["t5_fields"] if caption_member(name) in raw.members]
+        available = [name for name in meta["t5_fields"]
+                     if all(member in raw.members for member in self.field_members(name))]
         chosen = choose_caption_field(self.caption_fields, available, self.real_prompt_ratio,
                                       self.caption_draw(raw.key, epoch))
         if chosen not in available:
             raise ShardFormatError(f"sample {raw.key!r} has no T5 features for caption field {chosen!r}")
-        feature = read_npy(raw.members[caption_member(chosen)], f"{raw.key}.{caption_member(chosen)}")
+        arrays = {member: read_npy(raw.members[member], f"{raw.key}.{member}") for member in self.field_members(chosen)}
+        feature = next(iter(arrays.values()))
         length = meta["t5_lengths"][chosen]
         if feature.ndim != 2 or feature.shape[0] != length or length < 1:
             raise ShardFormatError(f"sample {raw.key!r}: T5 features of shape {list(feature.shape)}, "
                                    f"its .json says {length} tokens")
+        text = None
+        if self.sample_format is not None and self.sample_format.pipeline is not None:
+            text = self._pipeline_text(raw.key, meta, chosen, arrays)
         return DecodedSample(key=raw.key, bucket=meta["bucket"], original_hw=(height, width), moments=moments,
                              caption_field=chosen, prompt=meta["captions"][chosen], caption_feature=feature,
-                             source=self.source)
+                             source=self.source, text=text)
+
+    def _pipeline_text(self, key: str, meta: dict, chosen: str, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """A pipeline build's members by their family's names, each checked against its shape
+        rule, plus the micro-conditioning of the metadata record."""
+        fmt = self.sample_format
+        bucket_hw = meta.get("bucket_hw") or (0, 0)
+        text = {}
+        for name, spec in fmt.field_members(chosen):
+            array = arrays[name]
+            bounds = fmt.shape_rule(spec, bucket_hw)
+            if array.ndim != len(bounds) or not all(low <= d <= high for d, (low, high) in zip(array.shape, bounds)):
+                raise ShardFormatError(f"sample {key!r}: {name} is {list(array.shape)}, the build declares "
+                                       f"{list(spec.shape)}")
+            text[name[len(chosen) + 1:-len(".npy")]] = array
+        if fmt.micro_conditioning:
+            text.update({name: np.asarray(meta["micro_conditioning"][name], dtype=np.int32)
+                         for name in MICRO_CONDITIONING})
+        return text
 
 
 def shuffled(items: Iterator[Any], buffer_size: int, rng: random.Random) -> Iterator[Any]:

@@ -55,6 +55,15 @@ class BuildInfo:
     complete: bool
     sample_format: SampleFormat | None = None
 
+    @property
+    def pipeline(self) -> dict | None:
+        """A --pipeline build's pipeline identity (class, family, latents, text settings); else None."""
+        return self.sample_format.pipeline if self.sample_format is not None else None
+
+    @property
+    def family(self) -> str | None:
+        return self.pipeline["family"] if self.pipeline is not None else None
+
     @classmethod
     def from_manifest(cls, manifest: Manifest) -> "BuildInfo":
         vae = manifest.encoders.get("vae", {})

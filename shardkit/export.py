@@ -32,7 +32,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .errors import ShardFormatError, ShardkitError
-from .format import (LATENT, METADATA, caption_member, caption_mask, pad_caption_feature, parse_metadata, read_npy,
+from .format import (LATENT, METADATA, caption_mask, pad_caption_feature, parse_metadata, read_npy,
                      safe_relative_path)
 from .manifest import MANIFEST_NAME, open_shard_set
 from .storage import atomic_write_bytes
@@ -42,6 +42,10 @@ from .verify import Finding, check_shard
 # extensions, e.g. ".PNG" or ".tif", stay in the name.
 PIXART_IMAGE_EXTENSIONS = (".png", ".jpg", ".webp", ".jpeg", ".JPEG", ".JPG")
 CAPTION_FOLDERS = ("caption_features_new", "sharegpt4v_caption_features_new")
+
+
+# Pipeline builds whose features PixArt's per-file layout holds (T5 rows, an SDXL-VAE posterior).
+PIXART_FAMILIES = ("pixart-alpha", "pixart-sigma")
 
 
 def pixart_feature_name(path: str, extension: str) -> str:
@@ -106,8 +110,15 @@ class PixArtExport:
         if manifest.status != "complete":
             raise ShardkitError(f"the build at {self.shard_set.url_of(MANIFEST_NAME)} is not complete (status "
                                 f"{manifest.status}); finish it with `shardkit build` before exporting")
-        self.fields = list(manifest.declaration().captions)[:2]
-        self.max_length = max_length or manifest.config.get("max_length")
+        declared = manifest.declaration()
+        if declared.pipeline is not None and declared.pipeline.get("family") not in PIXART_FAMILIES:
+            raise ShardkitError(f"export writes PixArt's per-file layout; this is a {declared.pipeline.get('pipeline_class')} "
+                                f"build: read it with ShardReader(OUTPUT, batch_size, layout='diffusers') instead")
+        self.fields = list(declared.captions)[:2]
+        # Each field's T5 rows: t5_<field>.npy, or a PixArt pipeline build's <field>.prompt_embeds.npy.
+        self.members = {name: declared.field_members(name)[0][0] for name in self.fields}
+        self.max_length = max_length or (declared.params["max_length"] if declared.pipeline is not None
+                                         else manifest.config.get("max_length"))
         if not self.max_length or self.max_length < 1:
             raise ShardkitError("pass --max-length: the build's manifest records no T5 max_length")
         self.images = images
@@ -170,7 +181,7 @@ class PixArtExport:
 
         npz_name = pixart_feature_name(path, ".npz")
         for name, root in self.caption_roots.items():
-            member = caption_member(name)
+            member = self.members[name]
             if member not in members:
                 continue
             feature = read_npy(members[member], f"{key}.{member}")

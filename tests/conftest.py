@@ -162,3 +162,46 @@ def tiny_pipeline(tmp_path_factory):
         return written[family]
 
     return factory
+
+
+# ---- what each diffusers pipeline computes, the reference of every family -------------------
+
+# How each pipeline's __call__ calls encode_prompt for a positive prompt, with its defaults (diffusers 0.42).
+CALL_KWARGS = {
+    "pixart-alpha": dict(do_classifier_free_guidance=False, clean_caption=True, max_sequence_length=120),
+    "pixart-sigma": dict(do_classifier_free_guidance=False, clean_caption=True, max_sequence_length=300),
+    "sana": dict(do_classifier_free_guidance=False, clean_caption=False, max_sequence_length=300),
+    "sdxl": dict(prompt_2=None, do_classifier_free_guidance=False),
+    "sd3": dict(prompt_2=None, prompt_3=None, do_classifier_free_guidance=False, max_sequence_length=256),
+    "flux": dict(prompt_2=None, max_sequence_length=512),
+}
+OUTPUT_NAMES = {
+    "pixart-alpha": ("prompt_embeds", "prompt_attention_mask"),
+    "pixart-sigma": ("prompt_embeds", "prompt_attention_mask"),
+    "sana": ("prompt_embeds", "prompt_attention_mask"),
+    "sdxl": ("prompt_embeds", None, "pooled_prompt_embeds"),
+    "sd3": ("prompt_embeds", None, "pooled_prompt_embeds"),
+    "flux": ("prompt_embeds", "pooled_prompt_embeds", "text_ids"),
+}
+
+
+def pipeline_reference(name: str, pipe, captions: list[str]) -> dict:
+    """``pipe.encode_prompt(captions)`` as the pipeline's ``__call__`` calls it, by output name."""
+    import inspect
+
+    import torch
+
+    kwargs = dict(CALL_KWARGS[name])
+    if name == "sana":
+        kwargs["complex_human_instruction"] = inspect.signature(type(pipe).__call__).parameters[
+            "complex_human_instruction"].default
+    with torch.no_grad():
+        outputs = pipe.encode_prompt(captions, device=torch.device("cpu"), **kwargs)
+    return {key: value for key, value in zip(OUTPUT_NAMES[name], outputs) if key}
+
+
+def close_in_fp16(ours, reference) -> None:
+    """Equal up to one fp16 rounding of the stored values (2^-11 relative), plus summation-order noise."""
+    import torch
+
+    torch.testing.assert_close(ours.float(), reference.float(), rtol=2e-3, atol=2e-3)

@@ -3,12 +3,13 @@
 
 from __future__ import annotations
 
-import inspect
 import json
 
 import numpy as np
 import pytest
 import torch
+
+from conftest import close_in_fp16, pipeline_reference
 
 from shardkit.errors import ShardkitError
 from shardkit.families import FAMILIES, family_by_name, family_for, load_pipeline_encoders, read_model_index
@@ -23,25 +24,6 @@ CAPTIONS = [
     "A lighthouse on a rocky point at night, its lamp shining through the fog; " * 12,  # past every limit
     "Red desert dunes.",
 ]
-
-# How each pipeline's __call__ calls encode_prompt for a positive prompt, with its defaults (diffusers 0.42).
-CALL_KWARGS = {
-    "pixart-alpha": dict(do_classifier_free_guidance=False, clean_caption=True, max_sequence_length=120),
-    "pixart-sigma": dict(do_classifier_free_guidance=False, clean_caption=True, max_sequence_length=300),
-    "sana": dict(do_classifier_free_guidance=False, clean_caption=False, max_sequence_length=300),
-    "sdxl": dict(prompt_2=None, do_classifier_free_guidance=False),
-    "sd3": dict(prompt_2=None, prompt_3=None, do_classifier_free_guidance=False, max_sequence_length=256),
-    "flux": dict(prompt_2=None, max_sequence_length=512),
-}
-OUTPUT_NAMES = {
-    "pixart-alpha": ("prompt_embeds", "prompt_attention_mask"),
-    "pixart-sigma": ("prompt_embeds", "prompt_attention_mask"),
-    "sana": ("prompt_embeds", "prompt_attention_mask"),
-    "sdxl": ("prompt_embeds", None, "pooled_prompt_embeds"),
-    "sd3": ("prompt_embeds", None, "pooled_prompt_embeds"),
-    "flux": ("prompt_embeds", "pooled_prompt_embeds", "text_ids"),
-}
-
 
 @pytest.fixture(scope="module")
 def loaded(tiny_pipeline):
@@ -61,27 +43,12 @@ def loaded(tiny_pipeline):
     return get
 
 
-def _reference(name, pipe):
-    kwargs = dict(CALL_KWARGS[name])
-    if name == "sana":
-        kwargs["complex_human_instruction"] = inspect.signature(type(pipe).__call__).parameters[
-            "complex_human_instruction"].default
-    with torch.no_grad():
-        outputs = pipe.encode_prompt(CAPTIONS, device=torch.device("cpu"), **kwargs)
-    return {key: value for key, value in zip(OUTPUT_NAMES[name], outputs) if key}
-
-
-def _close_in_fp16(ours: torch.Tensor, reference: torch.Tensor) -> None:
-    # One fp16 rounding of the stored values (2^-11 relative), plus summation-order noise.
-    torch.testing.assert_close(ours.float(), reference.float(), rtol=2e-3, atol=2e-3)
-
-
 @pytest.mark.parametrize("name", FAMILY_NAMES)
 def test_text_equals_the_pipelines_encode_prompt(name, loaded):
     pipe, encoders = loaded(name)
     stored = encoders.encode_captions(CAPTIONS, batch_size=2)
     ours = encoders.family.assemble(stored)
-    reference = _reference(name, pipe)
+    reference = pipeline_reference(name, pipe, CAPTIONS)
     assert set(ours) == set(reference)
     for key, expected in reference.items():
         assert ours[key].shape == expected.shape, key
@@ -89,13 +56,13 @@ def test_text_equals_the_pipelines_encode_prompt(name, loaded):
     if mask is not None:
         assert torch.equal(ours["prompt_attention_mask"], mask)
         valid = mask.bool()
-        _close_in_fp16(ours["prompt_embeds"][valid], reference["prompt_embeds"][valid])
+        close_in_fp16(ours["prompt_embeds"][valid], reference["prompt_embeds"][valid])
         # Only the valid rows are stored.
         assert [len(sample["prompt_embeds"]) for sample in stored] == mask.sum(dim=1).tolist()
     else:
-        _close_in_fp16(ours["prompt_embeds"], reference["prompt_embeds"])
+        close_in_fp16(ours["prompt_embeds"], reference["prompt_embeds"])
     for key in set(reference) - {"prompt_embeds", "prompt_attention_mask"}:
-        _close_in_fp16(ours[key], reference[key])
+        close_in_fp16(ours[key], reference[key])
 
 
 @pytest.mark.parametrize("name", FAMILY_NAMES)

@@ -58,6 +58,15 @@ class ShardReader(IterableDataset):
     ``layout="dict"`` gives ``{"latent", "caption_feature", "attention_mask", "data_info",
     "keys", "prompt", "caption_field", "bucket"}``.
 
+    ``layout="diffusers"`` (the default for ``shardkit build --pipeline`` builds) gives what the
+    build's diffusers pipeline computes (``families.collate.diffusers_batch``): ``latents``
+    ``[B, C, h, w]`` (``latent``: sampled or the mean; ``normalize``: ``(x - shift_factor) *
+    scaling_factor``), the pipeline's ``encode_prompt`` outputs under their names
+    (``prompt_embeds`` at its full padded length, ``prompt_attention_mask``,
+    ``pooled_prompt_embeds``, ``text_ids`` where it returns them), SDXL's ``original_size``,
+    ``crop_coords_top_left`` and ``target_size`` ``[B, 2]``, ``keys`` and ``captions``. A
+    ``--t5`` build reads in it as ``PixArtSigmaPipeline``'s outputs.
+
     Mid-epoch resume: ``state_dict()`` / ``load_state_dict()`` (small, JSON-serialisable). After
     a restart with the same world size and DataLoader workers, the reader yields exactly the
     batches the uninterrupted run would have yielded next: in one process through its own state,
@@ -94,7 +103,9 @@ class ShardReader(IterableDataset):
         caption_dropout: probability, per sample and epoch, of swapping its caption for the
             build's stored encoding of the empty caption (prompt ``""``); needs a build that
             stores it (``shardkit build`` writes ``OUTPUT/empty_caption/t5.npy``).
-        layout: ``"tuple"`` or ``"dict"``.
+        layout: ``"tuple"``, ``"dict"`` or ``"diffusers"``; default ``"diffusers"`` for a
+            ``--pipeline`` build, ``"tuple"`` otherwise.
+        normalize: with ``layout="diffusers"``, latents as the transformer takes them.
         shuffle: shuffle the shard order per epoch and samples through a buffer.
         shuffle_buffer: samples held by the shuffle buffer (memory: that many decoded samples).
         seed: seeds every random choice; with ``set_epoch`` the stream is reproducible. Latent

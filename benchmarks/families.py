@@ -10,7 +10,10 @@ square image at --resolution plus each text encoder on one caption, encoded as t
 pipeline does: PixArt's T5 and Sana's Gemma-2 on the valid tokens only (--caption-tokens; for
 Sana plus the pipeline's instruction prefix, whose length is estimated with the tiny T5
 tokenizer), every CLIP at 77 tokens, SD3's T5 at 256 and Flux's at 512 (those pipelines pad).
-Bytes per sample are what shardkit stores in fp16 for one caption and one latent.
+Bytes per sample are what a `shardkit build --pipeline` shard holds in fp16 for one caption and one
+latent, from the family's declared members and latent spec written with shardkit's tar writer
+(`stored_bytes`): latent and text members with their .npy headers and tar framing, and the whole
+sample with its .json and .txt (no image).
 """
 
 from __future__ import annotations
@@ -88,29 +91,88 @@ def instruction_tokens() -> int:
     return len(_build_tokenizer()("\n".join(lines)).input_ids)
 
 
+# Per family: its VAE's config and class, and the config of each text encoder it loads (model_index.json names).
+STORE_LAYOUTS = {
+    "pixart-sigma": (("AutoencoderKL", SDXL_VAE_CONFIG), {"text_encoder": ("t5", T5_XXL_CONFIG)}),
+    "sana": (("AutoencoderDC", DC_AE_F32C32_CONFIG), {"text_encoder": ("gemma", GEMMA2_2B_CONFIG)}),
+    "sdxl": (("AutoencoderKL", SDXL_VAE_CONFIG), {"text_encoder": ("clip", CLIP_L_CONFIG),
+                                                 "text_encoder_2": ("clip", CLIP_G_CONFIG)}),
+    "sd3": (("AutoencoderKL", KL16_VAE_CONFIG), {"text_encoder": ("clip", CLIP_L_CONFIG),
+                                                "text_encoder_2": ("clip", CLIP_G_CONFIG),
+                                                "text_encoder_3": ("t5", T5_XXL_CONFIG)}),
+    "flux": (("AutoencoderKL", KL16_VAE_CONFIG), {"text_encoder": ("clip", CLIP_L_CONFIG),
+                                                 "text_encoder_2": ("t5", T5_XXL_CONFIG)}),
+}
+
+
+def stored_bytes(family_name: str, size: int, rows: int) -> dict:
+    """Bytes one sample takes in a shard as `shardkit build --pipeline` writes it (fp16, no image):
+    the family's declared members at full size (``rows`` valid rows where it stores "L" rows),
+    serialised as ``.npy`` members of a USTAR tar with shardkit's own writer, plus the .json and
+    .txt members. Built from the family's ``members`` and ``LatentSpec``, so the figures follow
+    the store layout rather than a formula of it."""
+    import io
+    from types import SimpleNamespace
+
+    import numpy as np
+    import torch
+    from transformers import CLIPTextConfig, Gemma2Config, T5Config
+
+    from shardkit.families import LatentSpec, TextParts, family_by_name
+    from shardkit.format import json_bytes, npy_bytes
+    from shardkit.tario import UstarWriter
+
+    family = family_by_name(family_name)
+    (vae_class, vae_config), encoders = STORE_LAYOUTS[family_name]
+    configs = {"t5": T5Config, "clip": CLIPTextConfig, "gemma": Gemma2Config}
+    components = {name: SimpleNamespace(config=configs[kind](**config)) for name, (kind, config) in encoders.items()}
+    components.update(tokenizer=SimpleNamespace(model_max_length=77), tokenizer_2=SimpleNamespace(model_max_length=77))
+    members = [m for m in family.members(TextParts(components, torch.device("meta"), torch.float16)) if m.dtype == "store"]
+    spec = LatentSpec.from_config(vae_class, vae_config)
+    arrays = {f"prompt.{m.name}.npy": np.zeros([rows if d == "L" else int(d) for d in m.shape], np.float16)
+              for m in members}
+    latent = npy_bytes(np.zeros(spec.stored_shape(size, size), np.float16))
+    caption = ("word " * rows).strip()
+    metadata = {"key": "images_000123-0123456789abcdef", "path": "images/000123.jpg", "source_index": 123,
+                "original_hw": [size, size], "resized_hw": [size, size], "crop_top": 0, "crop_left": 0,
+                "resize_mode": "crop", "bucket": "1.0", "bucket_hw": [size, size], "aspect_ratio": 1.0,
+                "latent_shape": list(spec.stored_shape(size, size)), "captions": {"prompt": caption},
+                "t5_fields": ["prompt"], "t5_lengths": {"prompt": rows}, "image_ext": None}
+    if family.micro_conditioning:
+        metadata["micro_conditioning"] = {"original_size": [size, size], "crop_coords_top_left": [0, 0],
+                                          "target_size": [size, size]}
+
+    def tar_bytes(named: dict[str, bytes]) -> int:
+        out = io.BytesIO()
+        writer = UstarWriter(out)
+        for name, payload in named.items():
+            writer.add(f"{metadata['key']}.{name}", payload)
+        return out.tell()  # before the archive's end blocks: what one more sample adds
+
+    text = tar_bytes({name: npy_bytes(array) for name, array in arrays.items()})
+    return {"latent_bytes": tar_bytes({"latent.npy": latent}), "text_bytes": text,
+            "sample_bytes": tar_bytes({"json": json_bytes(metadata), "txt": caption.encode(), "latent.npy": latent,
+                                       **{name: npy_bytes(array) for name, array in arrays.items()}})}
+
+
 def families(size: int, caption_tokens: int) -> list[dict]:
-    latent = size // 8
-    kl4_bytes = 2 * 4 * latent * latent * 2   # mean + std, fp16
-    kl16_bytes = 2 * 16 * latent * latent * 2
-    dc_bytes = 32 * (size // 32) ** 2 * 2     # the latent itself
     chi = instruction_tokens()
     clip = text_flops("clip_l", 77) + text_flops("clip_g", 77)
     rows = [
         dict(family="PixArt-α / PixArt-Σ", vae="SDXL VAE (KL, 4 ch, 8x)", vae_flops=vae_flops("kl4", size),
              text="T5-XXL on the valid tokens", text_flops=text_flops("t5", caption_tokens),
-             latent_bytes=kl4_bytes, text_bytes=caption_tokens * 4096 * 2),
+             **stored_bytes("pixart-sigma", size, caption_tokens)),
         dict(family="Sana", vae="DC-AE f32c32 (32x)", vae_flops=vae_flops("dc", size),
              text=f"Gemma-2-2B on instruction (~{chi}) + caption tokens", text_flops=text_flops("gemma", chi + caption_tokens),
-             latent_bytes=dc_bytes, text_bytes=(caption_tokens + 2) * 2304 * 2),
+             **stored_bytes("sana", size, caption_tokens + 2)),  # <bos> + the caption's tokens and its end
         dict(family="SDXL", vae="SDXL VAE (KL, 4 ch, 8x)", vae_flops=vae_flops("kl4", size),
-             text="CLIP-L + CLIP-G at 77", text_flops=clip, latent_bytes=kl4_bytes,
-             text_bytes=77 * (768 + 1280) * 2 + 1280 * 2 + 3 * 2 * 4),
+             text="CLIP-L + CLIP-G at 77", text_flops=clip, **stored_bytes("sdxl", size, 77)),
         dict(family="SD3", vae="SD3 VAE (KL, 16 ch, 8x, shift)", vae_flops=vae_flops("kl16", size),
              text="CLIP-L + CLIP-G at 77, T5-XXL at 256", text_flops=clip + text_flops("t5", 256),
-             latent_bytes=kl16_bytes, text_bytes=77 * (768 + 1280) * 2 + 256 * 4096 * 2 + 2048 * 2),
+             **stored_bytes("sd3", size, 77)),
         dict(family="Flux", vae="Flux VAE (KL, 16 ch, 8x, shift)", vae_flops=vae_flops("kl16", size),
              text="CLIP-L at 77, T5-XXL at 512", text_flops=text_flops("clip_l", 77) + text_flops("t5", 512),
-             latent_bytes=kl16_bytes, text_bytes=512 * 4096 * 2 + 768 * 2),
+             **stored_bytes("flux", size, 77)),
     ]
     for row in rows:
         row["total_flops"] = row["vae_flops"] + row["text_flops"]
@@ -125,12 +187,12 @@ def main() -> None:
     args = parser.parse_args()
     rows = families(args.resolution, args.caption_tokens)
     header = ["family", "VAE", "VAE TFLOP", "text encoders", "text TFLOP", "total TFLOP",
-              "latent KB", "text KB", "samples/s at 989 TFLOP/s"]
+              "latent KB", "text KB", "stored KB/sample", "samples/s at 989 TFLOP/s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         lines.append("| " + " | ".join([
             row["family"], row["vae"], f"{row['vae_flops'] / 1e12:.2f}", row["text"], f"{row['text_flops'] / 1e12:.2f}",
-            f"{row['total_flops'] / 1e12:.2f}", f"{row['latent_bytes'] / 1e3:.0f}", f"{row['text_bytes'] / 1e3:.0f}",
+            f"{row['total_flops'] / 1e12:.2f}", f"{row['latent_bytes'] / 1e3:.0f}", f"{row['text_bytes'] / 1e3:.0f}", f"{row['sample_bytes'] / 1e3:.0f}",
             f"{989.4e12 / row['total_flops']:.0f}"]) + " |")
     print(f"FLOP floor and stored bytes per sample at {args.resolution} px, {args.caption_tokens} caption tokens "
           f"where masked (computed on the meta device, NOT measured)\n")

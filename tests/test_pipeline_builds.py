@@ -42,7 +42,7 @@ def dataset(tmp_path_factory):
     return root / "data.jsonl", pixels
 
 
-def cli(*args) -> "click.testing.Result":  # noqa: F821
+def cli(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
@@ -151,3 +151,53 @@ def test_it_verifies_resumes_and_rebuilds_byte_for_byte(family, built, tmp_path)
     else:
         assert exported.exit_code == 2 and len(exported.output.strip().splitlines()) == 1, exported.output
         assert "layout='diffusers'" in exported.output
+
+
+def test_a_resumed_reader_continues_with_the_same_batches(built):
+    _, _, whole = built("sdxl")
+    everything = [batch for batch in ShardReader(whole, 1, seed=3)]
+    first = ShardReader(whole, 1, seed=3)
+    iterator = iter(first)
+    next(iterator)
+    state = json.loads(json.dumps(first.state_dict()))
+    again = ShardReader(whole, 1, seed=3)
+    again.load_state_dict(state)
+    rest = list(again)
+    assert [b["keys"] for b in rest] == [b["keys"] for b in everything[1:]]
+    for ours, expected in zip(rest, everything[1:]):
+        assert torch.equal(ours["latents"], expected["latents"])  # the same noise: (seed, epoch, key)
+
+
+def test_a_pixart_layout_is_refused_for_another_family(built):
+    _, _, whole = built("sdxl")
+    with pytest.raises(Exception, match="layout='diffusers'"):
+        ShardReader(whole, 1, layout="tuple")
+
+
+@pytest.mark.parametrize("preset, family, resolution", [
+    ("pixart-alpha-512", "pixart-alpha", 512), ("sana-1024", "sana", 1024), ("sdxl-1024", "sdxl", 1024),
+    ("sd3-1024", "sd3", 1024), ("flux-1024", "flux", 1024)])
+def test_each_family_preset_names_a_hub_id_and_a_table_that_fits(preset, family, resolution):
+    from shardkit.config import make_config
+    from shardkit.families import family_by_name
+
+    config = make_config(preset)
+    assert config.pipeline.count("/") == 1 and config.resolution == resolution
+    assert family_by_name(family).bucket_table(config.resolution).buckets
+    assert make_config(preset, resolution=512).resolution == 512
+
+
+def test_option_mistakes_are_one_line(tiny_pipeline, dataset, tmp_path):
+    source = dataset[0]
+    mixed = cli("build", source, tmp_path / "a", "--pipeline", tiny_pipeline("sd3"), "--t5", "x")
+    assert mixed.exit_code == 2 and "--pipeline" in mixed.output and "--t5" in mixed.output
+    too_fine = cli("build", source, tmp_path / "b", "--pipeline", tiny_pipeline("sdxl"), "--resolution", "256")
+    assert too_fine.exit_code == 2 and "512 or 1024" in too_fine.output
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    unknown = cli("build", source, tmp_path / "c", "--pipeline", other)
+    assert unknown.exit_code == 2 and "FluxPipeline" in unknown.output
+    for result in (mixed, too_fine, unknown):
+        assert len(result.output.strip().splitlines()) == 1, result.output
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and not (tmp_path / "c").exists()

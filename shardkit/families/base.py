@@ -170,14 +170,15 @@ def load_component(source: str, index: dict, name: str, dtype: torch.dtype) -> A
         raise load_error(f"{name} ({cls.__name__})", source, "--pipeline", exc) from None
 
 
-def right_pad(rows: Sequence[torch.Tensor], length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Valid rows of each caption zero-padded to ``length``: ([B, length, D], int64 mask [B, length])."""
-    embeds = torch.zeros((len(rows), length, rows[0].shape[-1]), dtype=rows[0].dtype)
+def right_pad(rows: Sequence[np.ndarray], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Valid rows of each caption zero-padded to ``length``: ([B, length, D], int64 mask [B, length]).
+    Rows past ``length`` are cut; the rows may be read-only views of a shard (they are copied)."""
+    embeds = np.zeros((len(rows), length, rows[0].shape[-1]), dtype=rows[0].dtype)
     mask = torch.zeros((len(rows), length), dtype=torch.long)
     for i, valid in enumerate(rows):
-        embeds[i, :len(valid)] = valid
-        mask[i, :len(valid)] = 1
-    return embeds, mask
+        embeds[i, :len(valid)] = valid[:length]
+        mask[i, :min(len(valid), length)] = 1
+    return torch.from_numpy(embeds), mask
 
 
 def stack(stored: Sequence[dict[str, np.ndarray]], name: str) -> torch.Tensor:

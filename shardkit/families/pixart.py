@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-import torch
 
 from .base import Family, Member, TextParts, right_pad
 from .text import encode_masked, token_ids
@@ -48,7 +47,7 @@ class PixArtFamily(Family):
         return [{"prompt_embeds": valid} for valid in rows]
 
     def assemble(self, stored):
-        embeds, mask = right_pad([torch.from_numpy(sample["prompt_embeds"]) for sample in stored], self.max_length)
+        embeds, mask = right_pad([sample["prompt_embeds"] for sample in stored], self.max_length)
         return {"prompt_embeds": embeds, "prompt_attention_mask": mask}
 
     def text_identity(self, parts):

@@ -15,7 +15,6 @@ import hashlib
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from .base import Family, Member, TextParts, right_pad
 from .pixart import caption_preprocessing, preprocess
@@ -56,7 +55,7 @@ class SanaFamily(Family):
         return [{"prompt_embeds": valid} for valid in rows]
 
     def assemble(self, stored):
-        embeds, mask = right_pad([torch.from_numpy(sample["prompt_embeds"]) for sample in stored], self.max_length)
+        embeds, mask = right_pad([sample["prompt_embeds"] for sample in stored], self.max_length)
         return {"prompt_embeds": embeds, "prompt_attention_mask": mask}
 
     def text_identity(self, parts):

@@ -255,6 +255,5 @@ class _PaddedRows:
     def assemble(self, stored: Sequence[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
         from ..families.base import right_pad
 
-        embeds, mask = right_pad([torch.from_numpy(sample["prompt_embeds"][:self.max_length]) for sample in stored],
-                                 self.max_length)
+        embeds, mask = right_pad([sample["prompt_embeds"] for sample in stored], self.max_length)
         return {"prompt_embeds": embeds, "prompt_attention_mask": mask}

@@ -168,23 +168,30 @@ def test_a_resumed_reader_continues_with_the_same_batches(built):
         assert torch.equal(ours["latents"], expected["latents"])  # the same noise: (seed, epoch, key)
 
 
-def test_a_pixart_layout_is_refused_for_another_family(built):
+def test_what_a_pipeline_build_cannot_give_is_refused_in_one_line(built):
+    from shardkit.errors import ShardkitError
+
     _, _, whole = built("sdxl")
-    with pytest.raises(Exception, match="layout='diffusers'"):
+    with pytest.raises(ShardkitError, match="layout='diffusers'"):
         ShardReader(whole, 1, layout="tuple")
+    with pytest.raises(ShardkitError, match="stores none"):
+        ShardReader(whole, 1, caption_dropout=0.1)
 
 
 @pytest.mark.parametrize("preset, family, resolution", [
     ("pixart-alpha-512", "pixart-alpha", 512), ("sana-1024", "sana", 1024), ("sdxl-1024", "sdxl", 1024),
     ("sd3-1024", "sd3", 1024), ("flux-1024", "flux", 1024)])
 def test_each_family_preset_names_a_hub_id_and_a_table_that_fits(preset, family, resolution):
+    from conftest import REPO
+
     from shardkit.config import make_config
     from shardkit.families import family_by_name
 
-    config = make_config(preset)
+    path = str(REPO / "configs" / f"{preset}.toml")  # the preset's file, as `--config NAME` reads it
+    config = make_config(path)
     assert config.pipeline.count("/") == 1 and config.resolution == resolution
     assert family_by_name(family).bucket_table(config.resolution).buckets
-    assert make_config(preset, resolution=512).resolution == 512
+    assert make_config(path, resolution=512).resolution == 512
 
 
 def test_option_mistakes_are_one_line(tiny_pipeline, dataset, tmp_path):
@@ -201,3 +208,15 @@ def test_option_mistakes_are_one_line(tiny_pipeline, dataset, tmp_path):
     for result in (mixed, too_fine, unknown):
         assert len(result.output.strip().splitlines()) == 1, result.output
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+
+def test_a_t5_build_reads_in_the_diffusers_layout_too(toy_build):
+    pixart = next(iter(ShardReader(toy_build, 4, layout="dict", latent="mean", shuffle=False)))
+    batch = next(iter(ShardReader(toy_build, 4, layout="diffusers", latent="mean", shuffle=False)))
+    assert batch["keys"] == pixart["keys"] and batch["captions"] == pixart["prompt"]
+    torch.testing.assert_close(batch["latents"], pixart["latent"].float())
+    mask = pixart["attention_mask"][:, 0, 0].long()
+    assert torch.equal(batch["prompt_attention_mask"], mask)
+    valid = mask.bool()
+    assert torch.equal(batch["prompt_embeds"][valid], pixart["caption_feature"][:, 0][valid])
+    assert not batch["prompt_embeds"][~valid].any()  # zeros past the valid rows, as encode_prompt's

@@ -570,9 +570,9 @@ class BuildJob:
 
     def _planner(self, lookup_threads: bool = False) -> Planner:
         text = self.encoders.t5
-        return Planner(self.config, self.table, text.tokenize, self.encoders.vae.feature_shape,
-                       getattr(text, "hidden_size", 0), lookup_threads=self._lookup_threads() if lookup_threads else 0,
-                       caption_bytes=getattr(text, "caption_bytes", None))
+        return Planner(self.config, self.table, text.tokenize, self.encoders.vae.feature_shape, text.hidden_size,
+                       lookup_threads=self._lookup_threads() if lookup_threads else 0,
+                       caption_bytes=text.caption_bytes if self.encoders.family is not None else None)
 
     def _lookup_threads(self) -> int:
         """Threads that look images up ahead of the planner: each lookup in object storage is a

@@ -84,6 +84,8 @@ class FamilyImages:
 class FamilyText:
     """The text role: captions in, the family's members per caption out (see the module doc)."""
 
+    hidden_size = 0  # no single width: the planner bounds a caption's bytes by `caption_bytes`
+
     def __init__(self, encoders: PipelineEncoders):
         self.encoders = encoders
         self.dtype = encoders.text.dtype

@@ -220,3 +220,19 @@ def test_a_t5_build_reads_in_the_diffusers_layout_too(toy_build):
     valid = mask.bool()
     assert torch.equal(batch["prompt_embeds"][valid], pixart["caption_feature"][:, 0][valid])
     assert not batch["prompt_embeds"][~valid].any()  # zeros past the valid rows, as encode_prompt's
+
+
+def test_two_workers_write_the_bytes_of_one(built, dataset, tmp_path, monkeypatch):
+    """Two ranks of a launch without a rendezvous (as Slurm array tasks run), one after the other."""
+    folder, _, whole = built("sd3")
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    output = tmp_path / "two"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank in ("1", "0"):
+        monkeypatch.setenv("RANK", rank)
+        result = cli(*build_args(dataset[0], output, folder))
+        assert result.exit_code == 0, result.output
+    assert {p.name: p.read_bytes() for p in (output / "shards").glob("*.tar")} == \
+        {p.name: p.read_bytes() for p in (whole / "shards").glob("*.tar")}
+    assert json.loads((output / "manifest.json").read_text())["status"] == "complete"

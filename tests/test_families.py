@@ -171,8 +171,11 @@ def test_text_identity_records_what_the_pipeline_applied(loaded):
     for name in ("pixart-alpha", "pixart-sigma"):
         identity = loaded(name)[1].identity()
         assert identity["text"]["caption_preprocessing"] == applied
+        assert identity["text"]["bs4_installed"] == is_bs4_available()
+        assert identity["text"]["ftfy_installed"] == is_ftfy_available() and identity["text"]["clean_caption"]
     sana = loaded("sana")[1].identity()["text"]
     assert sana["caption_preprocessing"] == "lower_strip"  # Sana's __call__ default is clean_caption=False
+    assert sana["clean_caption"] is False
     assert sana["instruction_tokens"] > 0 and sana["max_sequence_length"] == 300
     assert loaded("sd3")[1].identity()["text"]["max_sequence_length"] == 256
     flux = loaded("flux")[1].identity()

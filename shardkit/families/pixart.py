@@ -27,6 +27,15 @@ def caption_preprocessing(family: Family) -> str:
     return "lower_strip"
 
 
+def caption_settings(family: Family) -> dict:
+    """What the manifest records of the caption preprocessing: what applied, and why."""
+    from diffusers.utils import is_bs4_available, is_ftfy_available
+
+    return {"caption_preprocessing": caption_preprocessing(family),
+            "clean_caption": bool(family.call_default("clean_caption")),
+            "bs4_installed": is_bs4_available(), "ftfy_installed": is_ftfy_available()}
+
+
 def preprocess(family: Family, captions: Sequence[str]) -> list[str]:
     """The pipeline's own ``_text_preprocessing``, run on a bare instance (it reads no instance state)."""
     bare = family.pipeline.__new__(family.pipeline)
@@ -51,7 +60,7 @@ class PixArtFamily(Family):
         return {"prompt_embeds": embeds, "prompt_attention_mask": mask}
 
     def text_identity(self, parts):
-        return {"caption_preprocessing": caption_preprocessing(self), "max_sequence_length": self.max_length}
+        return {**caption_settings(self), "max_sequence_length": self.max_length}
 
 
 PIXART_ALPHA = PixArtFamily(name="pixart-alpha", pipeline_class="PixArtAlphaPipeline",

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .base import Family, Member, TextParts, right_pad
-from .pixart import caption_preprocessing, preprocess
+from .pixart import caption_settings, preprocess
 from .text import encode_masked, token_ids
 
 
@@ -60,7 +60,7 @@ class SanaFamily(Family):
 
     def text_identity(self, parts):
         total, start = self._window(parts["tokenizer"])
-        return {"caption_preprocessing": caption_preprocessing(self), "max_sequence_length": self.max_length,
+        return {**caption_settings(self), "max_sequence_length": self.max_length,
                 "complex_human_instruction_sha256": hashlib.sha256(self.instruction.encode()).hexdigest(),
                 "instruction_tokens": total - self.max_length + 2 if self.instruction else 0}
 

@@ -272,10 +272,12 @@ class _SampleChecker:
             return
         channels = self.fmt.params["C"]
         height, width = entry.bucket_hw
-        expected = tuple(low for low, _ in self.fmt.shape_rule(self.fmt.spec(LATENT), entry.bucket_hw))
+        spec = self.fmt.spec(LATENT)
+        expected = tuple(low for low, _ in self.fmt.shape_rule(spec, entry.bucket_hw))
         if latent.shape != expected:
+            what = f"mean and std of {channels} channels" if spec.shape[0] == "2*C" else f"{channels} channels"
             problem(LATENT_SHAPE, f"latent is {list(latent.shape)}, bucket {entry.bucket} ({height}x{width}) "
-                                  f"needs {list(expected)} (mean and std of {channels} channels)")
+                                  f"needs {list(expected)} ({what})")
         self._check_values(latent, "latent", problem)
         if latent.dtype.kind == "f" and latent.ndim == 3 and latent.shape[0] == 2 * channels:
             negative = int(np.count_nonzero(latent[channels:] < 0))

@@ -236,3 +236,39 @@ def test_two_workers_write_the_bytes_of_one(built, dataset, tmp_path, monkeypatc
     assert {p.name: p.read_bytes() for p in (output / "shards").glob("*.tar")} == \
         {p.name: p.read_bytes() for p in (whole / "shards").glob("*.tar")}
     assert json.loads((output / "manifest.json").read_text())["status"] == "complete"
+
+
+@pytest.mark.parametrize("member, change, kind", [
+    ("prompt.prompt_embeds.npy", lambda array: array[:-1], "t5_shape"),
+    ("prompt.pooled_prompt_embeds.npy", lambda array: array.astype(np.float32), "dtype"),
+    ("json", lambda meta: {**meta, "micro_conditioning": {**meta["micro_conditioning"], "target_size": [1, 1]}},
+     "bad_metadata"),
+])
+def test_verify_finds_damage_by_the_declaration(member, change, kind, built, tmp_path):
+    import io
+    import shutil
+    import tarfile
+
+    from shardkit.format import json_bytes, npy_bytes
+    from shardkit.tario import UstarWriter
+
+    _, _, whole = built("sdxl")
+    output = tmp_path / "damaged"
+    shutil.copytree(whole, output)
+    shard = sorted((output / "shards").glob("*.tar"))[0]
+    with tarfile.open(shard) as tar:
+        members = [(info.name, tar.extractfile(info).read()) for info in tar.getmembers()]
+    out = io.BytesIO()
+    writer = UstarWriter(out)
+    for name, payload in members:
+        if name.endswith("." + member):
+            if member == "json":
+                payload = json_bytes(change(json.loads(payload)))
+            else:
+                payload = npy_bytes(change(np.load(io.BytesIO(payload), allow_pickle=False)))
+        writer.add(name, payload)
+    writer.close()
+    shard.write_bytes(out.getvalue())
+    result = cli("inspect", output, "--verify", "--json", "--no-progress")
+    assert result.exit_code == 1
+    assert kind in {finding["kind"] for finding in json.loads(result.output)["findings"]}

@@ -199,7 +199,8 @@ def make_config(preset: str | None = None, **overrides: Any) -> BuildConfig:
     pair = [name for name in ENCODER_PAIR_FIELDS if values.get(name) is not None]
     if values.get("pipeline") and pair:
         raise ConfigError(f"--pipeline takes the VAE and text encoders from the pipeline; drop "
-                          f"{', '.join('--' + name.replace('_', '-') for name in pair)} (or drop --pipeline)")
+                          f"{', '.join('--' + name.replace('_', '-') for name in pair)} (flags or preset), or drop "
+                          f"--pipeline")
     try:
         return BuildConfig(**values)
     except TypeError as exc:

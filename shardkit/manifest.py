@@ -18,7 +18,7 @@ from typing import Any, BinaryIO, Iterator
 from . import __version__
 from .errors import ShardkitError
 from .format import SampleFormat, declare_from_config, member_bounds
-from .storage import LocalStorage, Storage, atomic_write_bytes, with_timeouts
+from .storage import LocalStorage, Storage, atomic_write_bytes, storage_error, with_timeouts
 from .tario import TarSample, iter_tar_samples
 
 MANIFEST_NAME = "manifest.json"
@@ -165,6 +165,8 @@ def parse_manifest(payload: bytes, where: str) -> tuple[Manifest, dict[str, Any]
     except json.JSONDecodeError as exc:
         raise ShardkitError(f"{where} is not valid JSON (line {exc.lineno}): the build may have been "
                             f"interrupted; rerun `shardkit build`") from None
+    except RecursionError:
+        raise ShardkitError(f"{where} holds JSON nested too deeply to read; it is not a shardkit manifest") from None
     if not isinstance(raw, dict):
         raise ShardkitError(f"{where} is not a shardkit manifest")
     try:
@@ -233,7 +235,11 @@ def open_shard_set(output: str, storage_options: dict[str, Any] | None = None, t
         payload = storage.read_bytes(MANIFEST_NAME)
     except (FileNotFoundError, NotADirectoryError):
         raise ShardkitError(f"no {MANIFEST_NAME} in {output}; is it the OUTPUT folder of a `shardkit build`?") from None
-    except OSError as exc:
-        raise ShardkitError(f"cannot read {url}/{MANIFEST_NAME}: {exc}") from None
+    except ShardkitError:
+        raise
+    except Exception as exc:  # unreachable endpoint, no credentials, denied: one line, not a traceback
+        if storage.is_local and isinstance(exc, OSError):
+            raise ShardkitError(f"cannot read {url}/{MANIFEST_NAME}: {exc}") from None
+        raise storage_error(f"{url}/{MANIFEST_NAME}", exc) from None
     manifest, raw = parse_manifest(payload, f"{url}/{MANIFEST_NAME}")
     return ShardSet(url=url, storage=storage, manifest=manifest, raw=raw)

@@ -65,7 +65,12 @@ def _csv(_ctx, _param, value):
 @click.option("--store-dtype", type=click.Choice(STORE_DTYPES), default=None, help="dtype of stored latents and T5 features. [default: fp16]")
 @click.option("--max-image-pixels", type=int, default=None,
               help="Skip images with more pixels than this (decompression bombs). [default: 89478485]")
+@click.option("--max-image-bytes", type=click.IntRange(min=1), default=None,
+              help="Skip image files larger than this many bytes. [default: 8 bytes per pixel of --max-image-pixels + 1 MiB]")
 @click.option("--image-root", default=None, help="Folder that image paths are relative to (JSONL sources; overrides the layout's default).")
+@click.option("--follow-symlinks-outside-root", is_flag=True, default=None,
+              help="Read images through symbolic links that lead out of the image root (symlink farms); "
+                   "otherwise such records are skipped as path_outside_root.")
 @click.option("--vae", default=None, help="VAE: Hugging Face id or local folder. [default: madebyollin/sdxl-vae-fp16-fix]")
 @click.option("--vae-subfolder", default=None, help="Subfolder of --vae holding the VAE (e.g. 'vae' in a pipeline repository).")
 @click.option("--t5", default=None,
@@ -134,9 +139,8 @@ def build(source, output, preset, overwrite, resolution, storage_options, engine
     show_progress = config.progress and ranks.rank == 0  # one bar per launch, not one per rank
     # Status lines fill the seconds before the bar, at a terminal (as the bar itself).
     announce = functools.partial(click.echo, err=True) if show_progress and sys.stderr.isatty() else None
-    with joined_ranks(ranks) as group:
-        job = BuildJob(source, output, config, overwrite=overwrite, storage_options=fs_options, ranks=ranks,
-                       announce=announce)
+    with joined_ranks(ranks) as group, BuildJob(source, output, config, overwrite=overwrite, storage_options=fs_options,
+                                                 ranks=ranks, announce=announce) as job:
         job.prepare_plan(group)
         note = job.resume_note(job.ledger())
         if note and ranks.rank == 0:

@@ -17,6 +17,7 @@ import numpy as np
 
 from .buckets import RESOLUTIONS
 from .errors import ConfigError
+from .format import DEFAULT_MAX_IMAGE_PIXELS, image_bound
 
 try:
     import tomllib
@@ -31,8 +32,6 @@ TINY_MODELS_HOME = "~/.cache/shardkit/tiny-models"
 # Options that name a file or folder: in a preset, "~" is expanded, and a path starting with
 # "./" or "../" is taken relative to the .toml file (hub ids like "org/name" are left alone).
 PATH_FIELDS = ("vae", "t5", "image_root", "staging_dir")
-# PIL's own decompression-bomb threshold; larger images are skipped, not decoded.
-DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
 
 RESIZE_MODES = ("crop", "stretch")
 DEVICES = ("auto", "cpu", "cuda")
@@ -57,7 +56,11 @@ class BuildConfig:
     keep_images: bool = True
     store_dtype: str = "fp16"
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    max_image_bytes: int | None = None  # None: derived from max_image_pixels (image_byte_limit)
     image_root: str | None = None
+    # Read images through symlinks that lead out of the image root (symlink farms); off, such
+    # records are skipped as path_outside_root.
+    follow_symlinks_outside_root: bool = False
     # Encoders.
     vae: str = DEFAULT_VAE
     vae_subfolder: str | None = None
@@ -105,6 +108,7 @@ class BuildConfig:
         require(self.device in DEVICES, f"device must be one of {DEVICES}, got {self.device!r}")
         require(self.max_length >= 2, f"max_length must be >= 2, got {self.max_length}")
         require(self.max_image_pixels > 0, "max_image_pixels must be positive")
+        require(self.max_image_bytes is None or self.max_image_bytes > 0, "max_image_bytes must be positive")
         for name in ("batch_size", "t5_batch_size", "shard_max_count", "shard_max_bytes"):
             require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         require(self.workers >= 0, f"workers must be >= 0, got {self.workers}")
@@ -116,6 +120,12 @@ class BuildConfig:
             require("@" not in rest.split("/", 1)[0],
                     "endpoint_url must not carry credentials (it is recorded in the manifest); "
                     "set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE instead")
+
+    def image_byte_limit(self) -> int:
+        """The most bytes an image file may hold: --max-image-bytes, else derived from the pixel limit."""
+        if self.max_image_bytes is not None:
+            return self.max_image_bytes
+        return image_bound(self.max_image_pixels)
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

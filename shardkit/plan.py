@@ -17,6 +17,7 @@ import concurrent.futures as futures
 import itertools
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
@@ -26,9 +27,10 @@ from .config import DEFAULT_CAPTIONS, BuildConfig
 from .errors import SourceError
 from .images import ImageHeader, ImageSkip, file_size, read_header
 from .lookahead import bounded_map
+from .sourcefiles import PATH_OUTSIDE_ROOT
 from .sources import IMAGE_EXTENSIONS, Record
+from .storage import RemotePath
 
-PATH_OUTSIDE_ROOT = "path_outside_root"
 DUPLICATE_PATH = "duplicate_path"
 DUPLICATE_KEY = "duplicate_key"
 EXTREME_ASPECT_RATIO = "extreme_aspect_ratio"
@@ -95,7 +97,24 @@ class ImageFacts:
     header_skip: ImageSkip | None = None  # the header could not be read: the record's skip
 
 
-def look_up_image(record: Record, keep_images: bool, max_pixels: int) -> ImageFacts:
+@dataclass(frozen=True)
+class ReadLimits:
+    """What a build lets the image stage read: pixels, bytes, and whether links may leave the root."""
+
+    max_pixels: int
+    max_bytes: int
+    follow_symlinks_outside_root: bool = False
+
+    @classmethod
+    def of(cls, config: BuildConfig) -> "ReadLimits":
+        return cls(config.max_image_pixels, config.image_byte_limit(), config.follow_symlinks_outside_root)
+
+    def root_of(self, record: Record) -> Path | RemotePath | None:
+        """The folder a record's image must really lie in; None when links may lead anywhere."""
+        return None if self.follow_symlinks_outside_root else record.image_root
+
+
+def look_up_image(record: Record, keep_images: bool, limits: ReadLimits) -> ImageFacts:
     """The image's header (if the metadata lacks its size) and its size in bytes (if images are kept).
 
     A header read's remote storage errors other than a missing file propagate (SourceUnavailable):
@@ -109,7 +128,8 @@ def look_up_image(record: Record, keep_images: bool, max_pixels: int) -> ImageFa
         return facts  # skipped without touching storage
     if record.width is None or record.height is None:
         try:
-            facts.header = read_header(record.location, max_pixels, need_size=keep_images)
+            facts.header = read_header(record.location, limits.max_pixels, need_size=keep_images,
+                                       max_bytes=limits.max_bytes, root=limits.root_of(record))
         except ImageSkip as exc:
             facts.header_skip = exc
             return facts
@@ -187,10 +207,10 @@ class Planner:
                 yield plan
 
     def _looked_up(self, records: Iterable[Record]) -> Iterator[tuple[Record, ImageFacts]]:
-        keep_images, max_pixels = self.config.keep_images, self.config.max_image_pixels
+        keep_images, limits = self.config.keep_images, ReadLimits.of(self.config)
 
         def look_up(record: Record) -> ImageFacts:
-            return look_up_image(record, keep_images, max_pixels)
+            return look_up_image(record, keep_images, limits)
 
         tagged = ((record, record) for record in records)
         if self.lookup_threads <= 0:
@@ -212,6 +232,8 @@ class Planner:
         if norm in self._seen_paths:
             return skip(DUPLICATE_PATH, f"path {record.path!r} was already read earlier in the source")
         self._seen_paths.add(norm)
+        if record.refused_caption is not None:
+            return skip(*record.refused_caption)
         key = record.key
         if key in self._seen_keys:
             return skip(DUPLICATE_KEY, f"key {key} of {record.path!r} collides with an earlier record")

@@ -26,12 +26,18 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import SourceError
+from .sourcefiles import SourceFileSkip, read_source_file, too_large
 from .storage import RemotePath, as_location, universal_newlines
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 _UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9_-]+")
 _KEY_STEM_CHARS = 64
+# A caption file is read up to this size: T5 keeps a few hundred tokens of it, and a larger
+# "caption" is a mistake or an attack on memory.
+CAPTION_MAX_BYTES = 1024 * 1024
+_CAPTION_LIMIT = f"caption files are read up to {CAPTION_MAX_BYTES} bytes"
+_JSON_TOO_DEEP = "JSON nested too deeply to read; records are flat objects of path, size and captions"
 
 
 @dataclass
@@ -47,6 +53,8 @@ class Record:
     extra: dict[str, Any] = field(default_factory=dict)
     # Folder sources: the same-stem .txt the first caption field is read from (relative path).
     caption_file: str | None = None
+    # (reason, detail) when the caption file was refused (not a regular file, too large, outside the root).
+    refused_caption: tuple[str, str] | None = None
 
     @property
     def normalized_path(self) -> str:
@@ -120,13 +128,16 @@ def _resolve(source: str | os.PathLike, image_root: str | None, storage_options:
     return SourceSpec("folder", None, path)
 
 
-def iter_records(spec: SourceSpec, caption_fields: tuple[str, ...]) -> Iterator[Record]:
+def iter_records(spec: SourceSpec, caption_fields: tuple[str, ...],
+                 follow_symlinks_outside_root: bool = False) -> Iterator[Record]:
+    """The source's records in order; caption files of the folder layout are read only inside its
+    root unless ``follow_symlinks_outside_root``."""
     if spec.kind == "pixart":
         yield from _iter_json_list(spec)
     elif spec.kind == "jsonl":
         yield from _iter_jsonl(spec)
     else:
-        yield from _iter_folder(spec, caption_fields[0])
+        yield from _iter_folder(spec, caption_fields[0], follow_symlinks_outside_root)
 
 
 def _iter_json_list(spec: SourceSpec) -> Iterator[Record]:
@@ -137,6 +148,8 @@ def _iter_json_list(spec: SourceSpec) -> Iterator[Record]:
         raise SourceError(f"{spec.metadata}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
     except UnicodeDecodeError as exc:
         raise SourceError(f"{spec.metadata}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except RecursionError:
+        raise SourceError(f"{spec.metadata}: {_JSON_TOO_DEEP}") from None
     if not isinstance(items, list):
         raise SourceError(f"{spec.metadata}: expected a JSON list of records, found {type(items).__name__}")
     for index, item in enumerate(items):
@@ -156,6 +169,8 @@ def _iter_jsonl(spec: SourceSpec) -> Iterator[Record]:
                 raise SourceError(f"{where}: not UTF-8 text ({exc.reason})") from None
             except json.JSONDecodeError as exc:
                 raise SourceError(f"{where}: invalid JSON at column {exc.colno}: {exc.msg}") from None
+            except RecursionError:
+                raise SourceError(f"{where}: {_JSON_TOO_DEEP}") from None
             yield _record_from_item(item, index, where, spec.image_root)
             index += 1
 
@@ -182,7 +197,7 @@ def _record_from_item(item: Any, index: int, where: str, image_root: Path | Remo
                   width=size.get("width"), height=size.get("height"))
 
 
-def _iter_folder(spec: SourceSpec, caption_field: str) -> Iterator[Record]:
+def _iter_folder(spec: SourceSpec, caption_field: str, follow_symlinks_outside_root: bool) -> Iterator[Record]:
     root = spec.image_root
     if isinstance(root, RemotePath):
         yield from _iter_remote_folder(root, caption_field)
@@ -197,14 +212,29 @@ def _iter_folder(spec: SourceSpec, caption_field: str) -> Iterator[Record]:
             relative = image.relative_to(root).as_posix()
             caption_file = image.with_suffix(".txt")
             captions: dict[str, Any] = {}
-            if caption_file.is_file():
-                try:
-                    captions[caption_field] = caption_file.read_text(encoding="utf-8").strip()
-                except UnicodeDecodeError:
-                    captions[caption_field] = None  # recorded downstream as an invalid caption
-            yield Record(index=index, path=relative, image_root=root, captions=captions,
+            refused = _read_caption_file(caption_file, None if follow_symlinks_outside_root else root,
+                                         caption_field, captions)
+            yield Record(index=index, path=relative, image_root=root, captions=captions, refused_caption=refused,
                          caption_file=caption_file.relative_to(root).as_posix())
             index += 1
+
+
+def _read_caption_file(path: Path, root: Path | None, caption_field: str,
+                       captions: dict[str, Any]) -> tuple[str, str] | None:
+    """Put the caption file's text into ``captions`` (None when it is not UTF-8 or cannot be read,
+    nothing when there is no file); returns (reason, detail) when the file is refused."""
+    if not os.path.lexists(path):
+        return None
+    try:
+        data, _ = read_source_file(path, CAPTION_MAX_BYTES, root, limit_option=_CAPTION_LIMIT)
+        captions[caption_field] = universal_newlines(data.decode("utf-8")).strip()
+    except SourceFileSkip as refused:
+        return refused.reason, refused.detail
+    except (FileNotFoundError, IsADirectoryError):
+        pass  # a dangling link or a folder named like a caption: no caption
+    except (UnicodeDecodeError, OSError):
+        captions[caption_field] = None  # recorded downstream as an invalid caption
+    return None
 
 
 # Captions fetched per request batch when the image folder is in object storage.
@@ -219,19 +249,23 @@ def _walk_order(relative: str) -> tuple:
 
 def _iter_remote_folder(root: RemotePath, caption_field: str) -> Iterator[Record]:
     """The folder layout in object storage: one listing, captions fetched in concurrent batches."""
-    files = root.find()
-    present = set(files)
-    images = sorted((f for f in files if f.lower().endswith(IMAGE_EXTENSIONS)), key=_walk_order)
+    sizes = root.find()
+    images = sorted((f for f in sizes if f.lower().endswith(IMAGE_EXTENSIONS)), key=_walk_order)
     for start in range(0, len(images), _CAPTION_BATCH):
         chunk = images[start:start + _CAPTION_BATCH]
         caption_paths = [posixpath.splitext(relative)[0] + ".txt" for relative in chunk]
-        texts = root.read_many(c for c in caption_paths if c in present)
+        texts = root.read_many(c for c in caption_paths if sizes.get(c, CAPTION_MAX_BYTES + 1) <= CAPTION_MAX_BYTES)
         for offset, (relative, caption_path) in enumerate(zip(chunk, caption_paths)):
             captions: dict[str, Any] = {}
+            refused = None
             if caption_path in texts:
                 try:
                     captions[caption_field] = universal_newlines(texts[caption_path].decode("utf-8")).strip()
                 except UnicodeDecodeError:
                     captions[caption_field] = None  # recorded downstream as an invalid caption
+            elif caption_path in sizes:  # listed, and over the bound: never fetched
+                too_big = too_large(root / caption_path, f"{sizes[caption_path]} bytes", CAPTION_MAX_BYTES,
+                                    _CAPTION_LIMIT)
+                refused = (too_big.reason, too_big.detail)
             yield Record(index=start + offset, path=relative, image_root=root, captions=captions,
-                         caption_file=caption_path)
+                         refused_caption=refused, caption_file=caption_path)

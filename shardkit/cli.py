@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -124,6 +125,9 @@ def build(source, output, preset, overwrite, resolution, storage_options, engine
 
     fs_options = parse_storage_options(storage_options)
     config = make_config(preset, resolution=int(resolution) if resolution else None, **options)
+    # torchrun, Slurm and schedulers stop workers with SIGTERM: unwind as on Ctrl-C, so that the
+    # build's locks are deleted and OUTPUT is left resumable.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     if engine == "ray":
         from .ray_engine import RayOptions, build_on_ray
 
@@ -158,6 +162,10 @@ def build(source, output, preset, overwrite, resolution, storage_options, engine
         else:
             click.echo(f"{ranks.describe()}: done ({summary.shards_written} shards); other processes still write the "
                        f"rest: whichever finishes last writes the complete manifest.json")
+
+
+def _exit_on_signal(signum, _frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _refuse_empty(summary) -> None:

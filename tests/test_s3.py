@@ -290,14 +290,14 @@ def test_header_of_a_large_jpeg_in_a_bucket_takes_a_ranged_read(s3, s3fs_client,
 def test_a_second_build_into_a_locked_prefix_is_refused(s3, s3fs_client):
     """The lock object is created conditionally (If-None-Match), so two builds cannot both hold it."""
     from shardkit.distributed import RankInfo
-    from shardkit.outputlock import lock_output
+    from shardkit.outputlock import lock_worker
 
     first = FsspecStorage(f"s3://{BUCKET}/locked", _options(s3))
-    with lock_output(first, RankInfo()):
+    with lock_worker(first, RankInfo()):
         assert s3fs_client.exists(f"{BUCKET}/locked/build.lock")
         second = FsspecStorage(f"s3://{BUCKET}/locked", {**_options(s3), "skip_instance_cache": True})
         with pytest.raises(ShardkitError, match="another build holds OUTPUT s3://"):
-            lock_output(second, RankInfo())
+            lock_worker(second, RankInfo())
         with pytest.raises(FileExistsError):  # what the refusal rests on: the store's conditional create
             second.fs.pipe_file(f"{BUCKET}/locked/build.lock", b"{}", mode="create")
     s3fs_client.invalidate_cache()

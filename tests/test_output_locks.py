@@ -39,7 +39,8 @@ def storage(tmp_path) -> Storage:
 
 
 def _locks(storage: Storage) -> list[str]:
-    return sorted(name for name in os.listdir(storage.root) if name.endswith(".lock"))
+    """The lock files in OUTPUT (none when a build stopped before it began removed the folder it made)."""
+    return sorted(path.name for path in Path(storage.root).glob("*.lock"))
 
 
 def _live_process():
@@ -69,9 +70,10 @@ def test_ranks_of_one_launch_share_output_whatever_their_number(storage, monkeyp
         with pytest.raises(ShardkitError, match="another build holds OUTPUT") as refused:
             lock_worker(storage, RankInfo())  # a one-process build
         assert f"pid {os.getpid()} on host {socket.gethostname()}" in str(refused.value)
-        monkeypatch.setenv("MASTER_PORT", "29501")  # another launch, of the same size
-        with pytest.raises(ShardkitError, match=r"another build holds OUTPUT .*rank 0 of 2"):
-            lock_worker(storage, RankInfo(1, 2))
+        monkeypatch.setenv("MASTER_PORT", "29501")  # another launch: under a free name, or its own rank's
+        for other in (RankInfo(3, 4), RankInfo(1, 2)):
+            with pytest.raises(ShardkitError, match=r"another build holds OUTPUT .*\(rank \d of [23]\)"):
+                lock_worker(storage, other)
     assert _locks(storage) == []
 
 
@@ -147,8 +149,9 @@ def test_the_plan_is_made_under_plan_lock(toy_dataset, make_config, encoders, tm
     output.mkdir()
     live = _live_process()
     try:
-        (output / PLAN_LOCK).write_text(_holder(live.pid, "another launch", "planner"))
         with BuildJob(str(toy_dataset), output, make_config(), encoders=encoders) as job:
+            # Another build began planning after this one took its lock (its own lock refused it later).
+            (output / PLAN_LOCK).write_text(_holder(live.pid, "another launch", "planner"))
             with pytest.raises(ShardkitError, match=rf"another build holds OUTPUT .*pid {live.pid}.*plan\.lock"):
                 job.prepare_plan()
         assert not (output / "plan.json").exists()

@@ -131,7 +131,10 @@ class LockHolder:
             return True
         except PermissionError:
             pass  # alive, another user's
-        return self.process_start is not None and _process_start(self.pid) not in (None, self.process_start)
+        state, start = _process_stat(self.pid)
+        if state == "Z":
+            return True  # killed, not yet reaped (where no init reaps orphans, for good)
+        return self.process_start is not None and start not in (None, self.process_start)
 
     def earlier_run_of(self, me: "LockHolder") -> bool:
         """Whether this holder is an earlier run of the same worker of the same launch (restarted)."""
@@ -146,12 +149,17 @@ def _pid_namespace() -> str | None:
 
 
 def _process_start(pid: int) -> str | None:
+    return _process_stat(pid)[1]
+
+
+def _process_stat(pid: int) -> tuple[str | None, str | None]:
+    """The process's state letter and start time in clock ticks (proc(5)); None where unknown."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as handle:
             fields = handle.read().rsplit(b")", 1)[1].split()
-        return fields[19].decode()  # starttime, the 22nd field of proc(5)
+        return fields[0].decode(), fields[19].decode()  # state, starttime: the 3rd and 22nd fields
     except (OSError, IndexError):
-        return None
+        return None, None
 
 
 class OutputLock:

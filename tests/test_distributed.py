@@ -4,6 +4,7 @@ one-process build."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -52,8 +53,14 @@ def test_a_killed_launch_resumes_with_one_and_with_three_processes(one_process_b
             assert time.monotonic() < deadline, "the launch wrote no shard in time"
             time.sleep(0.05)
     finally:
-        os.killpg(launch.pid, signal.SIGKILL)  # torchrun and both ranks at once
+        # torchrun starts each rank in a session of its own: the ranks are found by their locks.
+        ranks = [json.loads(lock.read_text())["pid"] for lock in killed.glob("build.rank*.lock")]
+        os.killpg(launch.pid, signal.SIGKILL)
+        for pid in ranks:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         launch.wait(timeout=60)
+    assert len(ranks) == 2
     assert json.loads((killed / "manifest.json").read_text())["status"] == "in_progress"
     for processes in (1, 3):
         output = tmp_path / f"resumed-{processes}"

@@ -211,3 +211,19 @@ def test_a_stopped_build_leaves_no_lock_or_one_the_next_build_takes_over(stop, t
     assert json.loads((output / "build.lock").read_text())["pid"] == process.pid  # stale
     summary = build(str(toy_dataset), output, make_config(), encoders=encoders)
     assert summary.written == 17 and _locks(Storage.for_url(output)) == []
+
+
+@pytest.mark.timeout(60)
+def test_a_lock_of_a_killed_process_not_yet_reaped_is_stale(storage):
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    child.kill()  # not waited for: a zombie, as orphans stay where no init reaps them
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    try:
+        (storage.root / "build.lock").write_text(_holder(child.pid, "launch z"))
+        with lock_worker(storage, RankInfo()):
+            assert json.loads((storage.root / "build.lock").read_text())["pid"] == os.getpid()
+    finally:
+        child.wait()

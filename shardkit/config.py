@@ -18,6 +18,7 @@ import numpy as np
 from .buckets import RESOLUTIONS
 from .errors import ConfigError
 from .format import DEFAULT_MAX_IMAGE_PIXELS, image_bound
+from .filters import parse_filter
 
 try:
     import tomllib
@@ -61,6 +62,11 @@ class BuildConfig:
     # Read images through symlinks that lead out of the image root (symlink farms); off, such
     # records are skipped as path_outside_root.
     follow_symlinks_outside_root: bool = False
+    image_column: str | None = None  # Parquet / save_to_disk sources: the column holding the image
+    # Which records are kept, decided while planning (each one dropped is a recorded skip).
+    filters: tuple[str, ...] = ()  # expressions over the source's metadata (shardkit/filters.py)
+    min_image_size: int = 0  # shorter side in pixels; 0 keeps every size
+    dedup: bool = False  # skip records whose image bytes equal an earlier record's
     # Encoders.
     vae: str = DEFAULT_VAE
     vae_subfolder: str | None = None
@@ -87,6 +93,7 @@ class BuildConfig:
 
     def __post_init__(self) -> None:
         self.captions = tuple(self.captions)
+        self.filters = tuple(self.filters)
         self.validate()
 
     def validate(self) -> None:
@@ -109,6 +116,10 @@ class BuildConfig:
         require(self.max_length >= 2, f"max_length must be >= 2, got {self.max_length}")
         require(self.max_image_pixels > 0, "max_image_pixels must be positive")
         require(self.max_image_bytes is None or self.max_image_bytes > 0, "max_image_bytes must be positive")
+        require(self.min_image_size >= 0, f"min_image_size must be >= 0 (0 keeps every size), got {self.min_image_size}")
+        require(all(isinstance(f, str) for f in self.filters), "filters must be expressions (text)")
+        for expression in self.filters:
+            parse_filter(expression)  # a ConfigError naming the column at fault
         for name in ("batch_size", "t5_batch_size", "shard_max_count", "shard_max_bytes"):
             require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         require(self.workers >= 0, f"workers must be >= 0, got {self.workers}")
@@ -130,6 +141,7 @@ class BuildConfig:
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["captions"] = list(self.captions)
+        data["filters"] = list(self.filters)
         return data
 
     def content_fields(self) -> dict[str, Any]:

@@ -101,6 +101,11 @@ def _read_bytes(path: Path | RemotePath | str, max_bytes: int, root: Path | None
     return data
 
 
+def image_file_bytes(path: Path | RemotePath | str, max_bytes: int, root: Path | None) -> bytes:
+    """The whole image file, read as for decoding (--dedup hashes it while planning)."""
+    return _read_bytes(path, max_bytes, root)
+
+
 def _read_start(path: Path | RemotePath | str, length: int, need_size: bool, max_bytes: int,
                 root: Path | None) -> tuple[bytes, int | None]:
     """At least the file's first ``length`` bytes (all of a smaller file) and its size in bytes.
@@ -185,6 +190,13 @@ def read_header(path: Path, max_pixels: int, need_size: bool = True, *, max_byte
     return _header(_open(data, path, max_pixels), size)
 
 
+def header_from_bytes(data: bytes, where: str, max_pixels: int) -> ImageHeader:
+    """The header of an image held in memory (a tar member, a Parquet cell)."""
+    if not data:
+        raise ImageSkip(EMPTY_FILE, f"{where} is empty (0 bytes)")
+    return _header(_open(data, where, max_pixels), len(data))
+
+
 def _header(image: Image.Image, file_bytes: int | None) -> ImageHeader:
     width, height = _oriented_size(image)
     return ImageHeader(width=width, height=height, format=(image.format or "").lower(), file_bytes=file_bytes)
@@ -266,9 +278,20 @@ def _draft_reduction(image: Image.Image, resized_hw: tuple[int, int], swaps_axes
 
 def decode_and_fit(path: Path, bucket: Bucket, resize_mode: str, max_pixels: int,
                    expected_hw: tuple[int, int] | None, lanczos: bool, *, max_bytes: int | None = None,
-                   root: Path | None = None) -> TransformedImage:
-    """The image at ``path`` decoded and fitted to ``bucket``; reads as ``read_header`` does."""
-    data = _read_bytes(path, max_bytes or image_bound(max_pixels), root)
+                   root: Path | None = None, data: bytes | None = None) -> TransformedImage:
+    """The image at ``path`` decoded and fitted to ``bucket``; reads as ``read_header`` does.
+
+    ``data``: the image's bytes when the source holds them (``path`` then only names it), held
+    to the same bound.
+    """
+    embedded = data is not None
+    max_bytes = max_bytes or image_bound(max_pixels)
+    if data is None:
+        data = _read_bytes(path, max_bytes, root)
+    elif not data:
+        raise ImageSkip(EMPTY_FILE, f"{path} is empty (0 bytes)")
+    elif len(data) > max_bytes:
+        raise ImageSkip(FILE_TOO_LARGE, too_large(path, f"{len(data)} bytes", max_bytes).detail)
     image = _open(data, path, max_pixels)
     pil_format = image.format
     # The geometry comes from the header, so a size mismatch is found before any pixel is decoded.
@@ -299,7 +322,8 @@ def decode_and_fit(path: Path, bucket: Bucket, resize_mode: str, max_pixels: int
     if (top, left) != (0, 0) or resized_hw != (bucket.height, bucket.width):
         rgb = rgb.crop((left, top, left + bucket.width, top + bucket.height))
     pixels = np.array(rgb, dtype=np.uint8)  # a writable copy: torch warns on read-only arrays
-    extension = _extension(path, pil_format)
+    # An embedded image's name promises nothing (img2dataset names PNG and WebP bytes .jpg): its format does.
+    extension = _format_extension(pil_format) if embedded else _extension(path, pil_format)
     return TransformedImage(pixels=pixels, original_hw=original_hw, resized_hw=resized_hw,
                             crop_top=top, crop_left=left, image_bytes=data, extension=extension)
 
@@ -309,6 +333,14 @@ def _extension(path: Path, pil_format: str | None) -> str:
     if ext == "jpeg":
         ext = "jpg"
     return ext if ext.isalnum() and ext else (pil_format or "img").lower()
+
+
+_FORMAT_EXTENSIONS = {"jpeg": "jpg", "tiff": "tif"}
+
+
+def _format_extension(pil_format: str | None) -> str:
+    name = (pil_format or "img").lower()
+    return _FORMAT_EXTENSIONS.get(name, name)
 
 
 def to_model_input(pixels_uint8):
@@ -329,6 +361,7 @@ class DecodeJob:
     lanczos: bool
     max_bytes: int | None = None  # None: derived from max_pixels
     root: Path | None = None  # a local image must lie inside it (symlinks resolved); None: anywhere
+    data: bytes | None = None  # the image's bytes, when the source holds them
 
 
 @dataclass
@@ -343,7 +376,8 @@ def run_decode_job(job: DecodeJob) -> DecodeResult:
     """Worker entry point: never raises for a bad image, so one broken file cannot stop a build."""
     try:
         return DecodeResult(decode_and_fit(job.path, job.bucket, job.resize_mode, job.max_pixels,
-                                           job.expected_hw, job.lanczos, max_bytes=job.max_bytes, root=job.root))
+                                           job.expected_hw, job.lanczos, max_bytes=job.max_bytes, root=job.root,
+                                           data=job.data))
     except ImageSkip as exc:
         return DecodeResult(None, exc.reason, exc.detail)
     except SourceUnavailable as exc:

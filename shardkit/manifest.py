@@ -66,6 +66,16 @@ class Manifest:
         if self.sample_format is not None:
             return SampleFormat.from_json(self.sample_format)
         return declare_from_config(self.config, self.encoders)
+    # The source's own metadata fields in the samples' "source" record: name -> JSON types seen.
+    source_fields: dict[str, list[str]] = field(default_factory=dict)
+
+    def declare_source_fields(self, metadata: dict[str, Any]) -> None:
+        for name, value in metadata.items():
+            kind = json_type(value)
+            kinds = self.source_fields.setdefault(name, [])
+            if kind not in kinds:
+                kinds.append(kind)
+                kinds.sort()
 
     # ---- derived views -------------------------------------------------------------------
     def all_skips(self) -> list[dict]:
@@ -120,6 +130,7 @@ class Manifest:
             "shards": [asdict(e) for e in sorted(self.shards, key=lambda e: e.path)],
             "empty_plans": sorted(self.empty_plans, key=lambda e: e["path"]),
             "plan_skipped": self.plan_skipped,
+            "source_fields": dict(sorted(self.source_fields.items())),
             **({"distributed": self.distributed} if self.distributed is not None else {}),
         }
 
@@ -133,7 +144,22 @@ class Manifest:
                    buckets=data["buckets"], shards=[ShardEntry.from_json(s) for s in data["shards"]],
                    empty_plans=list(data.get("empty_plans", [])), status=data["status"],
                    records_read=data["records"]["read"], plan_skipped=list(data.get("plan_skipped", [])),
-                   distributed=data.get("distributed"), sample_format=data.get("sample_format"))
+                   distributed=data.get("distributed"), sample_format=data.get("sample_format"),
+                   source_fields=dict(data.get("source_fields", {})))
+
+
+
+def json_type(value: Any) -> str:
+    """A value's JSON type name, as the manifest declares source fields."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    return "array" if isinstance(value, list) else "object"
 
 
 def _write_whole(output: Path | Storage, name: str, payload: bytes) -> None:

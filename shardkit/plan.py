@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import concurrent.futures as futures
 import itertools
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,11 +25,13 @@ import numpy as np
 
 from .buckets import Bucket, BucketTable
 from .config import DEFAULT_CAPTIONS, BuildConfig
+from .digest_index import DigestIndex, digest_of
 from .errors import SourceError
-from .images import ImageHeader, ImageSkip, file_size, read_header
+from .filters import parse_filter
+from .images import ImageHeader, ImageSkip, file_size, header_from_bytes, image_file_bytes, read_header
 from .lookahead import bounded_map
 from .sourcefiles import PATH_OUTSIDE_ROOT
-from .sources import IMAGE_EXTENSIONS, Record
+from .sources import IMAGE_EXTENSIONS, MISSING_IMAGE, Record, image_digest
 from .storage import RemotePath
 
 DUPLICATE_PATH = "duplicate_path"
@@ -37,6 +40,7 @@ EXTREME_ASPECT_RATIO = "extreme_aspect_ratio"
 MISSING_CAPTION = "missing_caption"
 EMPTY_CAPTION = "empty_caption"
 INVALID_CAPTION = "invalid_caption"
+DUPLICATE_IMAGE = "duplicate_image"
 
 # Records read to check the caption fields against the source before any encoder loads.
 CAPTION_CHECK_RECORDS = 1000
@@ -95,6 +99,7 @@ class ImageFacts:
     file_bytes: int | None = None  # None: not needed, or not found (the decode stage records the miss)
     header: ImageHeader | None = None  # read only when the metadata gives no width/height
     header_skip: ImageSkip | None = None  # the header could not be read: the record's skip
+    digest: bytes | None = None  # --dedup: the image bytes' digest (None: the bytes could not be read)
 
 
 @dataclass(frozen=True)
@@ -114,7 +119,21 @@ class ReadLimits:
         return None if self.follow_symlinks_outside_root else record.image_root
 
 
-def look_up_image(record: Record, keep_images: bool, limits: ReadLimits) -> ImageFacts:
+def record_image_digest(record: Record, limits: ReadLimits) -> bytes | None:
+    """--dedup's digest of the record's image bytes (read whole from a file), or None when it has none."""
+    if record.image_digest is not None or record.escapes_root:
+        return record.image_digest
+    if record.embedded:
+        data = record.image_bytes
+    else:
+        try:
+            data = image_file_bytes(record.location, limits.max_bytes, limits.root_of(record))
+        except ImageSkip:
+            return None  # the decode stage meets the same problem and records the skip
+    return image_digest(data) if data else None
+
+
+def look_up_image(record: Record, keep_images: bool, limits: ReadLimits, dedup: bool = False) -> ImageFacts:
     """The image's header (if the metadata lacks its size) and its size in bytes (if images are kept).
 
     A header read's remote storage errors other than a missing file propagate (SourceUnavailable):
@@ -124,8 +143,20 @@ def look_up_image(record: Record, keep_images: bool, limits: ReadLimits) -> Imag
     of the shard's byte bound.
     """
     facts = ImageFacts()
-    if record.escapes_root:
+    if record.escapes_root or record.source_problem is not None:
         return facts  # skipped without touching storage
+    if dedup:
+        facts.digest = record_image_digest(record, limits)
+    if record.embedded:
+        # The bytes are in memory: the header costs no I/O.
+        if record.image_bytes is not None:
+            facts.file_bytes = len(record.image_bytes)
+            if record.width is None or record.height is None:
+                try:
+                    facts.header = header_from_bytes(record.image_bytes, record.path, limits.max_pixels)
+                except ImageSkip as exc:
+                    facts.header_skip = exc
+        return facts
     if record.width is None or record.height is None:
         try:
             facts.header = read_header(record.location, limits.max_pixels, need_size=keep_images,
@@ -170,8 +201,11 @@ class Planner:
         self.lookup_threads = lookup_threads
         self.on_skip = on_skip
         self.stats = PlanStats()
-        self._seen_paths: set[str] = set()
-        self._seen_keys: set[str] = set()
+        self.filters = [parse_filter(text) for text in config.filters]
+        # Compact digests, not strings: these grow with the source (see digest_index.py).
+        self._seen_paths = DigestIndex()
+        self._seen_keys = DigestIndex()
+        self._seen_images = DigestIndex()  # --dedup: image bytes -> the first record planned with them
 
     def plan(self, records: Iterable[Record]) -> Iterator[ShardPlan]:
         """Yield shard plans as they close; the stats hold every record's fate."""
@@ -207,10 +241,10 @@ class Planner:
                 yield plan
 
     def _looked_up(self, records: Iterable[Record]) -> Iterator[tuple[Record, ImageFacts]]:
-        keep_images, limits = self.config.keep_images, ReadLimits.of(self.config)
+        keep_images, limits, dedup = self.config.keep_images, ReadLimits.of(self.config), self.config.dedup
 
         def look_up(record: Record) -> ImageFacts:
-            return look_up_image(record, keep_images, limits)
+            return look_up_image(record, keep_images, limits, dedup)
 
         tagged = ((record, record) for record in records)
         if self.lookup_threads <= 0:
@@ -226,17 +260,25 @@ class Planner:
         def skip(reason: str, detail: str) -> Skip:
             return Skip(record.index, record.path, reason, detail)
 
+        if record.source_problem is not None:
+            return skip(*record.source_problem)
         if record.escapes_root:
             return skip(PATH_OUTSIDE_ROOT, f"path {record.path!r} leaves the image root")
         norm = record.normalized_path
-        if norm in self._seen_paths:
+        if self._seen_paths.first_or_add(digest_of(norm), record.index) is not None:
             return skip(DUPLICATE_PATH, f"path {record.path!r} was already read earlier in the source")
         self._seen_paths.add(norm)
         if record.refused_caption is not None:
             return skip(*record.refused_caption)
         key = record.key
-        if key in self._seen_keys:
+        key_digest = digest_of(key)
+        if self._seen_keys.first(key_digest) is not None:
             return skip(DUPLICATE_KEY, f"key {key} of {record.path!r} collides with an earlier record")
+        if record.embedded and record.image_bytes is None:
+            return skip(MISSING_IMAGE, f"{record.path} has no image bytes in the source (a failed download?)")
+        for expression in self.filters:
+            if not expression.holds(record.metadata):
+                return skip(expression.reason, _filter_detail(expression, record))
 
         captions = self._captions(record)
         if isinstance(captions, tuple):
@@ -253,11 +295,19 @@ class Planner:
         else:
             width, height = facts.header.width, facts.header.height
 
+        if min(width, height) < self.config.min_image_size:
+            return skip(f"filtered: --min-image-size {self.config.min_image_size}",
+                        f"{width}x{height} (WxH): the shorter side is under {self.config.min_image_size} pixels")
         ratio = height / width
         if max(ratio, 1.0 / ratio) > self.config.max_ratio:
             return skip(EXTREME_ASPECT_RATIO, f"{width}x{height} (WxH) has aspect {ratio:.3f}, beyond --max-ratio {self.config.max_ratio}")
+        if self.config.dedup and facts.digest is not None:
+            # The first record planned with these bytes keeps them: a duplicate of a skipped record is not lost.
+            first = self._seen_images.first_or_add(facts.digest, record.index)
+            if first is not None:
+                return skip(DUPLICATE_IMAGE, f"image bytes equal those of record {first}, the first with them")
 
-        self._seen_keys.add(key)
+        self._seen_keys.first_or_add(key_digest, record.index)
         bucket = self.table.closest(height, width)
         token_ids = self._token_ids(captions)
         return PlannedRecord(record=record, key=key, bucket=bucket, captions=captions, token_ids=token_ids,
@@ -305,6 +355,8 @@ class Planner:
         """An upper bound of the sample's bytes in the tar."""
         size = _METADATA_ALLOWANCE + 2 * _TAR_MEMBER_OVERHEAD
         size += sum(len(t.encode("utf-8")) for t in record.captions.values() if isinstance(t, str))
+        if record.metadata:
+            size += len(json.dumps(record.metadata, ensure_ascii=False).encode("utf-8"))
         if self.config.keep_images and facts.file_bytes is not None:
             size += facts.file_bytes + _TAR_MEMBER_OVERHEAD
         latent = math.prod(self.latent_shape(bucket.height, bucket.width)) * self.feature_itemsize
@@ -347,3 +399,10 @@ def check_caption_fields(records: Iterable[Record], captions: tuple[str, ...], s
         if name not in DEFAULT_CAPTIONS and not any(name in record.captions for record in seen):
             raise SourceError(f"no record {where} has a {name!r} caption field ({found}); "
                               f"fix its name in --captions or leave it out")
+
+
+def _filter_detail(expression, record: Record) -> str:
+    """What the filter read: the values of its fields (or that the record lacks them)."""
+    shown = ", ".join(f"{name}={record.metadata[name]!r}" if record.metadata.get(name) is not None else f"no {name}"
+                      for name in sorted(expression.fields()))
+    return f"{shown}: does not satisfy {expression.text}"

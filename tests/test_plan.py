@@ -42,7 +42,7 @@ def test_lookups_run_ahead_on_threads_and_plans_stay_in_order(tmp_path, monkeypa
     barrier = threading.Barrier(4, timeout=20)
     in_flight = []
 
-    def slow_lookup(record, keep_images, limits):
+    def slow_lookup(record, keep_images, limits, dedup=False):
         in_flight.append(record.index)
         if record.index < 4:
             barrier.wait()

@@ -1,0 +1,57 @@
+"""Parquet files (LAION-style metadata, img2dataset's parquet output, ``Dataset.to_parquet``):
+read with pyarrow one row group at a time, never as a whole table."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..errors import SourceError
+from ..images import SourceUnavailable
+from ..storage import RemotePath
+from .base import Location, Record, SourceSpec
+from .columns import find_image_column, hf_features, table_records
+
+# Rows converted to Python at a time (pyarrow still reads whole row groups from the file).
+_BATCH_ROWS = 1024
+
+
+@contextlib.contextmanager
+def open_parquet(path: Location) -> Iterator[pq.ParquetFile]:
+    """A ParquetFile, or one line saying why ``path`` is not a readable one."""
+    try:
+        handle = path.open("rb") if isinstance(path, RemotePath) else None
+        with contextlib.closing(handle) if handle is not None else contextlib.nullcontext():
+            yield pq.ParquetFile(handle if handle is not None else str(path))
+    except FileNotFoundError:
+        raise SourceError(f"{path} does not exist") from None
+    except pa.ArrowInvalid as exc:
+        raise SourceError(f"{path} is not a readable Parquet file ({exc}); check the file or remove it from SOURCE") from None
+    except OSError as exc:
+        if isinstance(path, RemotePath):
+            raise SourceUnavailable(f"cannot read {path}: {exc}") from None
+        raise SourceError(f"cannot read {path}: {exc}") from None
+
+
+def iter_records(spec: SourceSpec, caption_fields: tuple[str, ...]) -> Iterator[Record]:
+    index = 0
+    for path in spec.files:
+        with open_parquet(path) as parquet:
+            schema = parquet.schema_arrow
+            image = find_image_column(schema, spec.image_column, hf_features(schema), path.name)
+            root = spec.image_root or path.parent
+            for record in table_records(parquet.iter_batches(batch_size=_BATCH_ROWS), image, path.name, root,
+                                        caption_fields, index):
+                yield record
+            index += parquet.metadata.num_rows
+
+
+def count_records(spec: SourceSpec) -> int:
+    total = 0
+    for path in spec.files:
+        with open_parquet(path) as parquet:
+            total += parquet.metadata.num_rows
+    return total

@@ -57,7 +57,7 @@ def test_lookups_run_ahead_on_threads_and_plans_stay_in_order(tmp_path, monkeypa
 def test_lookup_errors_surface_in_record_order(tmp_path, monkeypatch):
     records = _records(tmp_path)
 
-    def failing_lookup(record, keep_images, limits):
+    def failing_lookup(record, keep_images, limits, dedup=False):
         if record.index == 5:
             raise RuntimeError("storage endpoint went away")
         return ImageFacts()
@@ -86,7 +86,7 @@ def test_duplicates_hold_with_lookahead(tmp_path, monkeypatch):
     paths[4] = paths[2]
     paths[6] = paths[3]
     records = _records(tmp_path, paths)
-    monkeypatch.setattr(plan_module, "look_up_image", lambda record, keep_images, limits: ImageFacts())
+    monkeypatch.setattr(plan_module, "look_up_image", lambda record, keep_images, limits, dedup=False: ImageFacts())
     for threads in (0, 4):
         planner = _planner(lookup_threads=threads, shard_max_count=1000)
         planned = [p.record.index for plan in planner.plan(iter(records)) for p in plan.records]

@@ -60,11 +60,10 @@ def _tokens(text: str) -> list[_Token]:
             column = position + len(text[position:]) - len(text[position:].lstrip()) + 1
             raise ConfigError(f"--filter {text!r}: cannot read {text[column - 1:column + 9]!r} at column {column}; "
                               f"write comparisons like \"aesthetic >= 5\" joined by and/or")
-        kind = match.lastgroup
-        value = match.group(kind)
-        if kind == "name" and value in _KEYWORDS:
-            kind = "keyword"
-        tokens.append(_Token(kind, value, match.start(kind) + 1))
+        group = match.lastgroup
+        value = match.group(group)
+        kind = "keyword" if group == "name" and value in _KEYWORDS else group
+        tokens.append(_Token(kind, value, match.start(group) + 1))
         position = match.end()
     return tokens
 
@@ -91,7 +90,7 @@ class _Parser:
 
     def take(self) -> _Token:
         if self.position >= len(self.tokens):
-            raise self.fail("the expression ends early")
+            raise ConfigError(f"--filter {self.text!r}: the expression ends early; complete the comparison")
         token = self.tokens[self.position]
         self.position += 1
         return token

@@ -56,7 +56,11 @@ def resolve_source(source: str | os.PathLike, image_root: str | None = None,
         raise SourceError(f"cannot read source {source}: {exc}; check the URL, the credentials and the endpoint") from None
     if image_column is not None and spec.kind not in ("parquet", "hf"):
         raise SourceError(f"--image-column names a column of a Parquet or save_to_disk source; {spec.describe()} has none")
-    return SourceSpec(spec.kind, spec.metadata, spec.image_root, spec.files, image_column)
+    spec = SourceSpec(spec.kind, spec.metadata, spec.image_root, spec.files, image_column)
+    check = getattr(_READERS[spec.kind], "check", None)
+    if check is not None:
+        check(spec)
+    return spec
 
 
 def _resolve(source: str, image_root: str | None, options: dict[str, Any]) -> SourceSpec:

@@ -89,7 +89,7 @@ def table_records(batches: Iterator[pa.RecordBatch], image: ImageColumn, file_na
 def _record(values: dict[str, Any], image: ImageColumn, file_name: str, stem: str, row: int,
             image_root: Location, caption_fields: tuple[str, ...], index: int) -> Record:
     cell = values.pop(image.name)
-    captions = {name: values[name] for name in caption_fields if name in values}
+    captions = {name: values[name] for name in caption_fields if values.get(name) is not None}  # null: missing
     metadata = {}
     for name, value in values.items():
         usable, value = json_value(value)

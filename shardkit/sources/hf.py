@@ -4,6 +4,7 @@ record batch at a time."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from typing import Any, Iterator
 
@@ -59,29 +60,45 @@ def refuse_dataset_dict(folder: Location) -> None:
         raise SourceError(f"{folder} holds a DatasetDict ({shown}); pass one split's folder, e.g. {folder}/train")
 
 
-def iter_records(spec: SourceSpec, caption_fields: tuple[str, ...]) -> Iterator[Record]:
-    folder = spec.metadata
+def _features(folder: Location) -> dict[str, Any]:
     info = _read_json(folder / INFO_FILE)
     features = info.get("features") if isinstance(info, dict) else None
-    features = features if isinstance(features, dict) else {}
+    return features if isinstance(features, dict) else {}
+
+
+def iter_records(spec: SourceSpec, caption_fields: tuple[str, ...]) -> Iterator[Record]:
+    folder = spec.metadata
+    features = _features(folder)
     index = 0
     for path in spec.files:
-        try:
-            handle = open_read(path.url, path.options) if isinstance(path, RemotePath) else pa.memory_map(str(path))
-            with handle, pa.ipc.open_stream(handle) as stream:
-                image = find_image_column(stream.schema, spec.image_column, features, path.name)
-                rows = table_records(iter(stream), image, path.name, spec.image_root or folder, caption_fields, index)
-                for record in rows:
-                    yield record
-                    index += 1
-        except FileNotFoundError:
-            raise SourceError(f"{path} does not exist; is the save_to_disk folder complete?") from None
-        except pa.ArrowInvalid as exc:
-            raise SourceError(f"{path} is not a readable Arrow stream ({exc}); is the save_to_disk folder complete?") from None
-        except OSError as exc:
-            if isinstance(path, RemotePath):
-                raise SourceUnavailable(f"cannot read {path}: {exc}") from None
-            raise SourceError(f"cannot read {path}: {exc}") from None
+        with _arrow_stream(path) as stream:
+            image = find_image_column(stream.schema, spec.image_column, features, path.name)
+            for record in table_records(iter(stream), image, path.name, spec.image_root or folder, caption_fields, index):
+                yield record
+                index += 1
+
+
+def check(spec: SourceSpec) -> None:
+    """Fail before any model loads when the first file has no usable image column."""
+    with _arrow_stream(spec.files[0]) as stream:
+        find_image_column(stream.schema, spec.image_column, _features(spec.metadata), spec.files[0].name)
+
+
+@contextlib.contextmanager
+def _arrow_stream(path: Location) -> Iterator[pa.ipc.RecordBatchStreamReader]:
+    """One Arrow stream file of the folder, or one line saying why it cannot be read."""
+    try:
+        handle = open_read(path.url, path.options) if isinstance(path, RemotePath) else pa.memory_map(str(path))
+        with handle, pa.ipc.open_stream(handle) as stream:
+            yield stream
+    except FileNotFoundError:
+        raise SourceError(f"{path} does not exist; is the save_to_disk folder complete?") from None
+    except pa.ArrowInvalid as exc:
+        raise SourceError(f"{path} is not a readable Arrow stream ({exc}); is the save_to_disk folder complete?") from None
+    except OSError as exc:
+        if isinstance(path, RemotePath):
+            raise SourceUnavailable(f"cannot read {path}: {exc}") from None
+        raise SourceError(f"cannot read {path}: {exc}") from None
 
 
 def count_records(spec: SourceSpec) -> int | None:

@@ -49,6 +49,13 @@ def iter_records(spec: SourceSpec, caption_fields: tuple[str, ...]) -> Iterator[
             index += parquet.metadata.num_rows
 
 
+def check(spec: SourceSpec) -> None:
+    """Fail before any model loads when the first file has no usable image column."""
+    with open_parquet(spec.files[0]) as parquet:
+        schema = parquet.schema_arrow
+        find_image_column(schema, spec.image_column, hf_features(schema), spec.files[0].name)
+
+
 def count_records(spec: SourceSpec) -> int:
     total = 0
     for path in spec.files:

@@ -705,6 +705,42 @@ def task_plan_remote(args: dict) -> dict:
     return {"latency_ms": args["latency_ms"], "runs": results}
 
 
+def task_plan_parquet(args: dict) -> dict:
+    """Planning alone (no decode, no encoding) of a synthetic Parquet source: records/s, and the
+    process's peak RSS against its RSS once the (stubbed) encoders are loaded."""
+    import resource
+
+    from shardkit.buckets import BucketTable
+    from shardkit.plan import Planner
+    from shardkit.sources import iter_records, resolve_source
+    from synth import make_parquet
+
+    source = make_parquet(args["records"], Path(args["work"]))
+    config, encoders = _load(args["config"])
+    _stub_encoders(encoders)
+    before = _rss()
+    planner = Planner(config, BucketTable(config.resolution), encoders.t5.tokenize, encoders.vae.feature_shape,
+                      encoders.t5.hidden_size)
+    start = CpuClock.now()
+    plans = planned = 0
+    for plan in planner.plan(iter_records(resolve_source(str(source)), config.captions)):
+        plans += 1
+        planned += len(plan.records)
+    result = CpuClock.now().since(start)
+    result.update(records=planner.stats.records_read, planned=planned, skipped=len(planner.stats.skips), plans=plans,
+                  records_per_s=planner.stats.records_read / result["wall_s"], rss_before_mib=before / 2**20,
+                  peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10,
+                  source_bytes=source.stat().st_size)
+    return result
+
+
+def _rss() -> int:
+    import os
+
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def task_verify(args: dict) -> dict:
     """`inspect --verify` of a build with 1 and more shards at a time: from local disk, and served
     over HTTP with ``latency_ms`` before each answer (object storage)."""

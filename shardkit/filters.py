@@ -113,17 +113,17 @@ class _Parser:
             self.depth -= 1
 
     def disjunction(self) -> Node:
-        node = self.conjunction()
-        while self.peek("or"):
-            self.take()
-            node = ("or", node, self.conjunction())
-        return node
+        return self.chain("or", self.conjunction)
 
     def conjunction(self) -> Node:
-        node = self.negation()
-        while self.peek("and"):
+        return self.chain("and", self.negation)
+
+    def chain(self, word: str, parse: Callable[[], Node]) -> Node:
+        """``parse (word parse)*``, grouped from the left."""
+        node = parse()
+        while self.peek(word):
             self.take()
-            node = ("and", node, self.negation())
+            node = (word, node, parse())
         return node
 
     def negation(self) -> Node:

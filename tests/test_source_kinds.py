@@ -4,15 +4,12 @@ filters, --min-image-size and --dedup as recorded skips."""
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import http.server
 import io
 import json
 import subprocess
 import sys
 import tarfile
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +23,8 @@ from shardkit.build import build
 from shardkit.cli import main
 from shardkit.inspect import inspect_output
 from shardkit.manifest import read_manifest
+from test_distributed import _samples
+from test_reader import serve
 
 # (key, image format, size, caption): img2dataset-like keys; PNG and WebP bytes are named .jpg in its tars.
 IMAGES = [("000000000", "JPEG", (64, 48), "a red fox in snow"),
@@ -106,16 +105,6 @@ def _img2dataset_tars(tmp_path: Path) -> Path:
     return root
 
 
-def _samples(output: Path) -> dict[str, dict[str, bytes]]:
-    samples: dict[str, dict[str, bytes]] = {}
-    for shard in sorted((output / "shards").glob("*.tar")):
-        with tarfile.open(shard) as tar:
-            for member in tar.getmembers():
-                key, suffix = member.name.split(".", 1)
-                samples.setdefault(key, {})[suffix] = tar.extractfile(member).read()
-    return samples
-
-
 def _by_caption(output: Path) -> dict[str, dict[str, bytes]]:
     return {sample["txt"].decode(): sample for sample in _samples(output).values()}
 
@@ -139,25 +128,6 @@ def folder_build(tmp_path_factory, make_config, encoders) -> Path:
     output = tmp / "out"
     build(str(_folder(tmp)), output, make_config(captions=("txt",)), encoders=encoders)
     return output
-
-
-@contextlib.contextmanager
-def _http_server(root: Path):
-    """A static file server for ``root`` on 127.0.0.1 (no range requests), stopped on exit."""
-
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(root)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
 
 
 # ---- WebDataset tars -------------------------------------------------------------------------
@@ -190,7 +160,7 @@ def test_tars_over_http_brace_pattern_and_list_file(tmp_path, make_config, encod
     local = tmp_path / "local"
     build(str(tars), local, make_config(captions=("txt",)), encoders=encoders)
     (tars / "shards.txt").write_text("# img2dataset output\n00000.tar\n00001.tar\n")
-    with _http_server(tars) as url:
+    with serve(tars) as url:
         for n, source in enumerate([f"{url}/{{00000..00001}}.tar", f"{url}/shards.txt"]):
             remote = tmp_path / f"remote{n}"
             build(source, remote, make_config(captions=("txt",)), encoders=encoders)

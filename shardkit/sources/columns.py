@@ -7,6 +7,7 @@ The image is in one column: bytes (img2dataset's ``jpg``), a Hugging Face ``Imag
 
 from __future__ import annotations
 
+import contextlib
 import json
 import posixpath
 from dataclasses import dataclass
@@ -15,6 +16,8 @@ from typing import Any, Iterator
 import pyarrow as pa
 
 from ..errors import SourceError
+from ..images import SourceUnavailable
+from ..storage import RemotePath
 from .base import IMAGE_EXTENSIONS, Location, Record, json_value
 
 # Columns whose text is taken as an image path when no column holds image bytes.
@@ -73,6 +76,22 @@ def find_image_column(schema: pa.Schema, named: str | None, features: dict[str, 
         raise SourceError(f"{where} has no image column (columns: {', '.join(schema.names)}); name the column of "
                           f"image bytes or paths with --image-column")
     return ImageColumn(candidates[0], kinds[candidates[0]])
+
+
+@contextlib.contextmanager
+def table_errors(path: Location, kind: str, hint: str) -> Iterator[None]:
+    """Reading ``path`` (a ``kind`` file): one line saying what is wrong with it, ending in ``hint``;
+    object-storage trouble stops the build resumably instead."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise SourceError(f"{path} does not exist; {hint}") from None
+    except pa.ArrowInvalid as exc:
+        raise SourceError(f"{path} is not a readable {kind} ({exc}); {hint}") from None
+    except OSError as exc:
+        if isinstance(path, RemotePath):
+            raise SourceUnavailable(f"cannot read {path}: {exc}") from None
+        raise SourceError(f"cannot read {path}: {exc}; {hint}") from None
 
 
 def table_records(batches: Iterator[pa.RecordBatch], image: ImageColumn, file_name: str, image_root: Location,

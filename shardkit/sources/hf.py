@@ -11,10 +11,9 @@ from typing import Any, Iterator
 import pyarrow as pa
 
 from ..errors import SourceError
-from ..images import SourceUnavailable
 from ..storage import RemotePath, open_read
 from .base import Location, Record, SourceSpec
-from .columns import find_image_column, table_records
+from .columns import find_image_column, table_errors, table_records
 
 STATE_FILE = "state.json"
 INFO_FILE = "dataset_info.json"
@@ -87,18 +86,10 @@ def check(spec: SourceSpec) -> None:
 @contextlib.contextmanager
 def _arrow_stream(path: Location) -> Iterator[pa.ipc.RecordBatchStreamReader]:
     """One Arrow stream file of the folder, or one line saying why it cannot be read."""
-    try:
+    with table_errors(path, "Arrow stream", "is the save_to_disk folder complete?"):
         handle = open_read(path.url, path.options) if isinstance(path, RemotePath) else pa.memory_map(str(path))
         with handle, pa.ipc.open_stream(handle) as stream:
             yield stream
-    except FileNotFoundError:
-        raise SourceError(f"{path} does not exist; is the save_to_disk folder complete?") from None
-    except pa.ArrowInvalid as exc:
-        raise SourceError(f"{path} is not a readable Arrow stream ({exc}); is the save_to_disk folder complete?") from None
-    except OSError as exc:
-        if isinstance(path, RemotePath):
-            raise SourceUnavailable(f"cannot read {path}: {exc}") from None
-        raise SourceError(f"cannot read {path}: {exc}") from None
 
 
 def count_records(spec: SourceSpec) -> int | None:

@@ -6,14 +6,11 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..errors import SourceError
-from ..images import SourceUnavailable
 from ..storage import RemotePath
 from .base import Location, Record, SourceSpec
-from .columns import find_image_column, hf_features, table_records
+from .columns import find_image_column, hf_features, table_errors, table_records
 
 # Rows converted to Python at a time (pyarrow still reads whole row groups from the file).
 _BATCH_ROWS = 1024
@@ -22,18 +19,10 @@ _BATCH_ROWS = 1024
 @contextlib.contextmanager
 def open_parquet(path: Location) -> Iterator[pq.ParquetFile]:
     """A ParquetFile, or one line saying why ``path`` is not a readable one."""
-    try:
+    with table_errors(path, "Parquet file", "check the file or remove it from SOURCE"):
         handle = path.open("rb") if isinstance(path, RemotePath) else None
         with contextlib.closing(handle) if handle is not None else contextlib.nullcontext():
             yield pq.ParquetFile(handle if handle is not None else str(path))
-    except FileNotFoundError:
-        raise SourceError(f"{path} does not exist") from None
-    except pa.ArrowInvalid as exc:
-        raise SourceError(f"{path} is not a readable Parquet file ({exc}); check the file or remove it from SOURCE") from None
-    except OSError as exc:
-        if isinstance(path, RemotePath):
-            raise SourceUnavailable(f"cannot read {path}: {exc}") from None
-        raise SourceError(f"cannot read {path}: {exc}") from None
 
 
 def iter_records(spec: SourceSpec, caption_fields: tuple[str, ...]) -> Iterator[Record]:

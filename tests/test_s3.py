@@ -342,3 +342,17 @@ def test_an_oversized_caption_object_is_a_skip_never_fetched(s3, s3fs_client, to
           storage_options=_options(s3))
     failures = [json.loads(line) for line in (tmp_path / "out" / "failures.jsonl").read_text().splitlines()]
     assert [(f["source"], f["reason"]) for f in failures] == [(images[1].name, "file_too_large")]
+
+
+def test_tar_and_parquet_sources_in_a_bucket_equal_local_ones(s3, s3fs_client, make_config, encoders, tmp_path):
+    from test_source_kinds import _duplicated_parquet, _img2dataset_tars
+
+    tars, table = _img2dataset_tars(tmp_path), _duplicated_parquet(tmp_path)
+    s3fs_client.put(str(tars), f"{BUCKET}/wds", recursive=True)
+    s3fs_client.put(str(table), f"{BUCKET}/tables/{table.name}")
+    for source, remote, captions in ((tars, f"s3://{BUCKET}/wds", "txt"),
+                                     (table, f"s3://{BUCKET}/tables/{table.name}", "caption")):
+        config = make_config(captions=(captions,))
+        build(str(source), tmp_path / f"local-{captions}", config, encoders=encoders)
+        build(remote, tmp_path / f"remote-{captions}", config, encoders=encoders, storage_options=_options(s3))
+        assert _local_files(tmp_path / f"remote-{captions}") == _local_files(tmp_path / f"local-{captions}")

@@ -431,7 +431,9 @@ class BuildJob:
         if overwrite or MANIFEST_NAME not in names:
             return None
         previous = read_manifest_at(storage, MANIFEST_NAME)
-        old = {k: v for k, v in previous.config.items() if k not in BuildConfig.RUNTIME_FIELDS}
+        # Options added since OUTPUT was started count as their defaults (what that build did).
+        recorded = {**BuildConfig().content_fields(), **previous.config}
+        old = {k: v for k, v in recorded.items() if k not in BuildConfig.RUNTIME_FIELDS}
         new = self.config.content_fields()
         changed = [f"{k} {_option_value(old.get(k))} -> {_option_value(new.get(k))}"
                    for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]

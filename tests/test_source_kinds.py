@@ -338,3 +338,13 @@ def test_dedup_across_ranks_equals_one_process(tmp_path, make_config, encoders):
     assert sorted(_by_caption_field(output)) == sorted(_by_caption_field(tmp_path / "single"))
     reasons = sorted((f["index"], f["reason"]) for f in _failures(output))
     assert reasons == sorted((f["index"], f["reason"]) for f in _failures(tmp_path / "single"))
+
+
+def test_dedup_reads_image_files_of_a_folder_source(tmp_path, make_config, encoders):
+    folder = _folder(tmp_path)
+    (folder / "zz-copy.png").write_bytes(_image_bytes("000000001"))
+    (folder / "zz-copy.txt").write_text("the same lighthouse again")
+    summary = build(str(folder), tmp_path / "out", make_config(captions=("txt",), dedup=True), encoders=encoders)
+    assert summary.written == 5 and summary.skipped_by_reason == {"duplicate_image": 1}
+    (skip,) = _failures(tmp_path / "out")
+    assert skip["source"] == "zz-copy.png" and skip["detail"].startswith("image bytes equal those of record 1,")

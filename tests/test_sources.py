@@ -89,3 +89,30 @@ def test_keys_are_stable_unique_and_dot_free():
     assert all("." not in k and "/" not in k and len(k) <= 81 for k in keys)
     assert keys == [make_key(p) for p in paths]
     assert keys[0].startswith("a_b_c-")
+
+
+def test_source_kind_is_found_from_what_the_folder_holds(tmp_path):
+    from shardkit.sources import expand_braces
+
+    wds = tmp_path / "wds"
+    wds.mkdir()
+    for name in ("00001.tar", "00000.tar", "00000.parquet", "00000_stats.json"):
+        (wds / name).write_bytes(b"")
+    spec = resolve_source(wds)
+    assert spec.kind == "webdataset" and [f.name for f in spec.files] == ["00000.tar", "00001.tar"]
+    Image.new("RGB", (8, 4)).save(wds / "cover.jpg")
+    assert resolve_source(wds).kind == "folder"  # images at the top make it an image folder
+
+    (tmp_path / "list.txt").write_text("# shards\nwds/00001.tar\n\n/abs/00009.tar\n")
+    listed = resolve_source(tmp_path / "list.txt")
+    assert listed.kind == "webdataset" and [str(f) for f in listed.files] == [str(wds / "00001.tar"), "/abs/00009.tar"]
+    pattern = resolve_source(str(tmp_path / "wds" / "{00000..00002}.tar"))
+    assert [f.name for f in pattern.files] == ["00000.tar", "00001.tar", "00002.tar"]
+    assert expand_braces("s3://b/{a,b}/{8..10}.tar") == ["s3://b/a/8.tar", "s3://b/a/9.tar", "s3://b/a/10.tar",
+                                                        "s3://b/b/8.tar", "s3://b/b/9.tar", "s3://b/b/10.tar"]
+    with pytest.raises(SourceError, match="counts down"):
+        resolve_source(str(tmp_path / "{9..1}.tar"))
+    with pytest.raises(SourceError, match="neither a .tar shard nor a .parquet file"):
+        resolve_source(str(tmp_path / "{a.tar,b.csv}"))
+    with pytest.raises(SourceError, match="--image-column names a column of a Parquet"):
+        resolve_source(wds / "00000.tar", image_column="jpg")

@@ -119,6 +119,8 @@ def _folder_spec(path: Location, root_override: Location | None) -> SourceSpec:
     if hf.is_saved_dataset(path):
         return SourceSpec("hf", path, root_override, files=hf.data_files(path))
     names = _top_level_files(path)
+    if any(n.lower().endswith(IMAGE_EXTENSIONS) for n in names):
+        return SourceSpec("folder", None, path)  # images at the top: an image folder, whatever lies beside them
     # img2dataset writes .parquet status files and _stats.json beside its tars: tars decide.
     tars = [n for n in names if n.lower().endswith((".tar", ".tgz", ".tar.gz"))]
     if tars:
@@ -164,7 +166,9 @@ def expand_braces(pattern: str) -> list[str]:
         expanded: list[str] = []
         changed = False
         for name in names:
-            match = _BRACE_RANGE.search(name) or _BRACE_LIST.search(name)
+            # The leftmost brace first, as a shell expands them.
+            found = [m for m in (_BRACE_RANGE.search(name), _BRACE_LIST.search(name)) if m is not None]
+            match = min(found, key=lambda m: m.start()) if found else None
             if match is None:
                 expanded.append(name)
                 continue

@@ -37,6 +37,11 @@ class DigestIndex:
     def __len__(self) -> int:
         return self._count
 
+    @property
+    def nbytes(self) -> int:
+        """The memory the table holds."""
+        return sum(a.itemsize * len(a) for a in (self._high, self._low, self._first))
+
     def first(self, digest: bytes) -> int | None:
         """The index recorded with ``digest``, or None."""
         found = self._first[self._find(*_halves(digest))]

@@ -207,6 +207,11 @@ class Planner:
         self._seen_keys = DigestIndex()
         self._seen_images = DigestIndex()  # --dedup: image bytes -> the first record planned with them
 
+    @property
+    def index_bytes(self) -> int:
+        """Memory of the tables that grow with the source (paths, keys, --dedup's images)."""
+        return sum(index.nbytes for index in (self._seen_paths, self._seen_keys, self._seen_images))
+
     def plan(self, records: Iterable[Record]) -> Iterator[ShardPlan]:
         """Yield shard plans as they close; the stats hold every record's fate."""
         open_plans: dict[str, ShardPlan] = {}

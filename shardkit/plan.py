@@ -145,17 +145,22 @@ def look_up_image(record: Record, keep_images: bool, limits: ReadLimits, dedup: 
     facts = ImageFacts()
     if record.escapes_root or record.source_problem is not None:
         return facts  # skipped without touching storage
+    if dedup and not record.embedded and record.image_digest is None:
+        # --dedup reads the whole file anyway: its header and size come from that one read.
+        try:
+            data = image_file_bytes(record.location, limits.max_bytes, limits.root_of(record))
+        except ImageSkip as exc:
+            if record.width is None or record.height is None:
+                facts.header_skip = exc
+            return facts  # with a size from the metadata, the decode stage records the skip
+        facts.digest = image_digest(data)
+        return _facts_from_bytes(facts, data, str(record.location), record, limits.max_pixels)
     if dedup:
         facts.digest = record_image_digest(record, limits)
     if record.embedded:
         # The bytes are in memory: the header costs no I/O.
         if record.image_bytes is not None:
-            facts.file_bytes = len(record.image_bytes)
-            if record.width is None or record.height is None:
-                try:
-                    facts.header = header_from_bytes(record.image_bytes, record.path, limits.max_pixels)
-                except ImageSkip as exc:
-                    facts.header_skip = exc
+            _facts_from_bytes(facts, record.image_bytes, record.path, record, limits.max_pixels)
         return facts
     if record.width is None or record.height is None:
         try:
@@ -170,6 +175,16 @@ def look_up_image(record: Record, keep_images: bool, limits: ReadLimits, dedup: 
             facts.file_bytes = file_size(record.location)
         except ImageSkip:
             pass  # the decode stage meets the same problem and records the skip
+    return facts
+
+
+def _facts_from_bytes(facts: ImageFacts, data: bytes, where: str, record: Record, max_pixels: int) -> ImageFacts:
+    facts.file_bytes = len(data)
+    if record.width is None or record.height is None:
+        try:
+            facts.header = header_from_bytes(data, where, max_pixels)
+        except ImageSkip as exc:
+            facts.header_skip = exc
     return facts
 
 

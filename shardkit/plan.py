@@ -394,7 +394,10 @@ def check_caption_fields(records: Iterable[Record], captions: tuple[str, ...], s
     large source is checked against its first ``CAPTION_CHECK_RECORDS`` records.
     """
     primary, *optional = captions
-    seen = list(itertools.islice(records, CAPTION_CHECK_RECORDS))
+    seen = []
+    for record in itertools.islice(records, CAPTION_CHECK_RECORDS):
+        record.image_bytes = None  # only captions are checked: a tar's or table's images need not stay in memory
+        seen.append(record)
     if not seen:
         raise SourceError(f"{source} holds no records (a folder source needs images ending in "
                           f"{', '.join(IMAGE_EXTENSIONS)}); check SOURCE")

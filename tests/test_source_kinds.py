@@ -287,8 +287,8 @@ def _duplicated_parquet(tmp_path: Path) -> Path:
     keys = ["000000000", "000000001", "000000000", "000000001", "000000002", "000000000", "000000003"]
     captions = ["a", None, "b", "c", "d", "e", "f"]
     source = tmp_path / "dups.parquet"
-    pq.write_table(pa.table({"jpg": pa.array([_image_bytes(k) for k in keys], pa.binary()), "caption": captions}),
-                   source, row_group_size=3)
+    pq.write_table(pa.table({"jpg": pa.array([_image_bytes(k) for k in keys], pa.binary()), "caption": captions,
+                             "row": list(range(len(keys)))}), source, row_group_size=3)
     return source
 
 
@@ -321,6 +321,7 @@ def test_dedup_holds_across_kill_and_resume(tmp_path, make_config, encoders):
     summary = build(str(source), output, config, encoders=encoders)
     assert summary.shards_reused >= 1 and summary.skipped_by_reason["duplicate_image"] == 2
     assert _files(output) == _files(clean)
+    assert read_manifest(output).source_fields == {"row": ["number"]}
 
 
 def test_dedup_across_ranks_equals_one_process(tmp_path, make_config, encoders):

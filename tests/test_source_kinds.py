@@ -349,3 +349,31 @@ def test_dedup_reads_image_files_of_a_folder_source(tmp_path, make_config, encod
     assert summary.written == 5 and summary.skipped_by_reason == {"duplicate_image": 1}
     (skip,) = _failures(tmp_path / "out")
     assert skip["source"] == "zz-copy.png" and skip["detail"].startswith("image bytes equal those of record 1,")
+
+
+def test_untrusted_tar_members_become_recorded_problems(tmp_path, monkeypatch):
+    from shardkit.sources import iter_records, resolve_source, webdataset
+
+    shard = tmp_path / "00000.tar"
+    with tarfile.open(shard, "w", format=tarfile.USTAR_FORMAT) as tar:
+        _add(tar, "a.jpg", _image_bytes("000000000"))
+        _add(tar, "a.txt", b"\xff\xfe not utf-8")
+        link = tarfile.TarInfo("b.jpg")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(link)
+        _add(tar, "b.txt", b"a link is never followed")
+        _add(tar, "c.jpg", _image_bytes("000000001"))
+        _add(tar, "c.json", b"[" * 100_000)
+        _add(tar, "d.jpg", _image_bytes("000000002"))
+        _add(tar, "d.txt", b"x" * 65)
+        _add(tar, "e.jpg", _image_bytes("000000003"))
+        _add(tar, "e.json", b'{"caption": "from the json", "aesthetic": 5}')
+    records = {r.source_key: r for r in iter_records(resolve_source(shard), ("caption",))}
+    assert records["a"].captions == {} and records["a"].image_bytes == _image_bytes("000000000")
+    assert records["b"].image_bytes is None and records["b"].source_problem is None  # planned as missing_image
+    assert records["c"].source_problem == ("invalid_metadata", "00000.tar/c.json is not a JSON object (nested too deeply)")
+    monkeypatch.setattr(webdataset, "MAX_TEXT_MEMBER_BYTES", 64)
+    records = {r.source_key: r for r in iter_records(resolve_source(shard), ("txt",))}
+    assert records["a"].captions == {"txt": None}  # planned as invalid_caption
+    assert records["d"].source_problem[0] == "oversized_member" and "d.txt has 65 bytes" in records["d"].source_problem[1]
+    assert records["e"].metadata == {"caption": "from the json", "aesthetic": 5}

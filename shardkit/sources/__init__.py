@@ -78,6 +78,8 @@ def _resolve(source: str, image_root: str | None, options: dict[str, Any]) -> So
         raise SourceError(f"source {source} does not exist; pass {_KINDS_HELP}")
     if path.is_file():
         return _file_spec(path, source, root_override, options)
+    if not path.is_dir():
+        raise SourceError(f"source {source} is neither a regular file nor a folder; pass {_KINDS_HELP}")
     return _folder_spec(path, root_override)
 
 
@@ -136,7 +138,7 @@ def _top_level_files(path: Location) -> list[str]:
     if isinstance(path, RemotePath):
         return sorted(name for name in path.find() if "/" not in name)
     with os.scandir(path) as entries:
-        return sorted(e.name for e in entries if e.is_file(follow_symlinks=False))
+        return sorted(e.name for e in entries if e.is_file())
 
 
 def _shard_list(path: Location, options: dict[str, Any]) -> tuple[Location, ...]:

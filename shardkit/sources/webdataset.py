@@ -14,7 +14,9 @@ from __future__ import annotations
 import gzip
 import json
 import lzma
+import os
 import re
+import stat
 import tarfile
 import zlib
 from dataclasses import dataclass, field
@@ -70,13 +72,15 @@ def _wanted(extension: str, caption_fields: tuple[str, ...]) -> int | None:
 def _samples(shard: Location, name: str, caption_fields: tuple[str, ...]) -> Iterator[_Sample]:
     remote = isinstance(shard, RemotePath)
     try:
-        handle = open_read(shard.url, shard.options) if remote else open(shard, "rb")
+        handle = open_read(shard.url, shard.options) if remote else _open_local(shard)
     except FileNotFoundError:
         if remote:
             raise SourceUnavailable(f"shard {shard} does not exist") from None
         raise SourceError(f"shard {shard} does not exist; check the shard list or brace pattern") from None
     except OSError as exc:
-        raise SourceUnavailable(f"cannot read shard {shard}: {exc}") from None
+        if remote:
+            raise SourceUnavailable(f"cannot read shard {shard}: {exc}") from None
+        raise SourceError(f"cannot read shard {shard}: {exc.strerror or exc}") from None
     current: _Sample | None = None
     read = 0
     with handle:
@@ -119,6 +123,19 @@ def _samples(shard: Location, name: str, caption_fields: tuple[str, ...]) -> Ite
             raise
     if current is not None:
         yield current
+
+
+def _open_local(shard: Location):
+    """A local shard, opened only if it is a regular file (a FIFO would block the build forever)."""
+    fd = os.open(shard, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise SourceError(f"shard {shard} is not a regular file; list tar files only")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _record(sample: _Sample, index: int, shard_name: str, caption_fields: tuple[str, ...]) -> Record:

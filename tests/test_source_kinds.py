@@ -23,7 +23,6 @@ from shardkit.build import build
 from shardkit.cli import main
 from shardkit.inspect import inspect_output
 from shardkit.manifest import read_manifest
-from test_distributed import _samples
 from test_reader import serve
 
 # (key, image format, size, caption): img2dataset-like keys; PNG and WebP bytes are named .jpg in its tars.
@@ -103,6 +102,15 @@ def _img2dataset_tars(tmp_path: Path) -> Path:
         pq.write_table(pa.table({"key": ["x"], "status": ["success"]}), root / f"{name}.parquet")
         (root / f"{name}_stats.json").write_text("{}")
     return root
+
+
+def _samples(output: Path) -> dict[str, dict[str, bytes]]:
+    """key -> member -> bytes, read with stock webdataset."""
+    import webdataset
+
+    shards = [str(p) for p in sorted((output / "shards").glob("*.tar"))]
+    return {s["__key__"]: {k: v for k, v in s.items() if not k.startswith("__")}
+            for s in webdataset.WebDataset(shards, shardshuffle=False)}
 
 
 def _by_caption(output: Path) -> dict[str, dict[str, bytes]]:

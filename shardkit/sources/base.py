@@ -111,10 +111,10 @@ class SourceSpec:
     image_column: str | None = None  # parquet / hf: the column named by --image-column
 
     def describe(self) -> str:
-        where = self.metadata or (self.files[0] if len(self.files) == 1 else None) or self.image_root
-        if where is None:
-            where = f"{self.files[0]} and {len(self.files) - 1} more files"
-        return f"{self.kind} source at {where}"
+        if self.kind == "hf" or not self.files:
+            return f"{self.kind} source at {self.metadata or self.image_root}"
+        more = f" and {len(self.files) - 1} more files" if len(self.files) > 1 else ""
+        return f"{self.kind} source at {self.files[0]}{more}"
 
 
 def json_value(value: Any) -> tuple[bool, Any]:

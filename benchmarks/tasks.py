@@ -711,7 +711,6 @@ def task_plan_parquet(args: dict) -> dict:
     import resource
 
     from shardkit.buckets import BucketTable
-    from shardkit.hostmem import process_trimmer
     from shardkit.plan import Planner
     from shardkit.sources import iter_records, resolve_source
     from synth import make_parquet
@@ -729,15 +728,23 @@ def task_plan_parquet(args: dict) -> dict:
         planned += len(plan.records)
     result = CpuClock.now().since(start)
     after = _rss()
-    trim = process_trimmer().malloc_trim
-    if trim is not None:
-        trim(0)  # what the heap keeps beyond live objects (fragmentation) is handed back
+    _malloc_trim()  # what the C heap keeps beyond live objects (fragmentation) is handed back
     result.update(records=planner.stats.records_read, planned=planned, skipped=len(planner.stats.skips), plans=plans,
                   records_per_s=planner.stats.records_read / result["wall_s"], rss_before_mib=before / 2**20,
                   peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10,
                   rss_after_mib=after / 2**20, rss_after_trim_mib=_rss() / 2**20,
                   index_mib=planner.index_bytes / 2**20, source_bytes=source.stat().st_size)
     return result
+
+
+def _malloc_trim() -> None:
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):
+        pass  # not glibc: the row then shows the heap as it is
 
 
 def _rss() -> int:

@@ -645,11 +645,11 @@ def section_scale(ctx: Context) -> None:
         rows.append([f"{records:,}", f"{run['source_bytes'] / 2**20:.0f}", run["records_per_s"],
                      1e6 * run["cpu_self_s"] / records, run["rss_before_mib"], run["peak_rss_mib"],
                      run["peak_rss_mib"] - run["rss_before_mib"], run["index_mib"],
-                     run["rss_after_trim_mib"] - run["rss_before_mib"], run["plans"]])
+                     run["rss_after_trim_mib"] - run["rss_before_mib"], run["plans"], run["plan_bytes"] / 2**20])
     text = table(f"Planning a Parquet source at scale ({args.resolution}-px buckets, --no-images, encoders stubbed, "
                  f"one process)", ["records", "Parquet MiB", "records/s", "CPU µs/record", "RSS before planning (MiB)",
                                    "peak RSS (MiB)", "growth while planning (MiB)", "digest tables (MiB)",
-                                   "growth left after malloc_trim (MiB)", "shard plans"], rows)
+                                   "growth left after malloc_trim (MiB)", "shard plans", "plan.json (MiB)"], rows)
     report.add("scale", text, runs)
 
 

@@ -706,12 +706,15 @@ def task_plan_remote(args: dict) -> dict:
 
 
 def task_plan_parquet(args: dict) -> dict:
-    """Planning alone (no decode, no encoding) of a synthetic Parquet source: records/s, and the
-    process's peak RSS against its RSS once the (stubbed) encoders are loaded."""
+    """Planning alone (no decode, no encoding) of a synthetic Parquet source, as a build plans before
+    writing plan.json: records/s, and the process's peak RSS against its RSS once the (stubbed)
+    encoders are loaded."""
     import resource
 
+    from shardkit.build import caption_window_size
     from shardkit.buckets import BucketTable
     from shardkit.plan import Planner
+    from shardkit.planfile import Batching, make_plan
     from shardkit.sources import iter_records, resolve_source
     from synth import make_parquet
 
@@ -721,15 +724,17 @@ def task_plan_parquet(args: dict) -> dict:
     before = _rss()
     planner = Planner(config, BucketTable(config.resolution), encoders.t5.tokenize, encoders.vae.feature_shape,
                       encoders.t5.hidden_size)
+    identities = {"vae": encoders.vae.identity.content_json(), "t5": encoders.t5.identity.content_json()}
+    batching = Batching(vae_batch=config.batch_size, caption_window=caption_window_size(config),
+                        t5_batch=config.t5_batch_size)
     start = CpuClock.now()
-    plans = planned = 0
-    for plan in planner.plan(iter_records(resolve_source(str(source)), config.captions)):
-        plans += 1
-        planned += len(plan.records)
+    plan = make_plan(iter_records(resolve_source(str(source)), config.captions), planner, config.content_fields(),
+                     identities, batching)
     result = CpuClock.now().since(start)
     after = _rss()
     _malloc_trim()  # what the C heap keeps beyond live objects (fragmentation) is handed back
-    result.update(records=planner.stats.records_read, planned=planned, skipped=len(planner.stats.skips), plans=plans,
+    result.update(records=planner.stats.records_read, planned=sum(len(s.records) for s in plan.shards),
+                  skipped=len(planner.stats.skips), plans=len(plan.shards), plan_bytes=len(plan.to_bytes()),
                   records_per_s=planner.stats.records_read / result["wall_s"], rss_before_mib=before / 2**20,
                   peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10,
                   rss_after_mib=after / 2**20, rss_after_trim_mib=_rss() / 2**20,

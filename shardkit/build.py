@@ -137,10 +137,13 @@ def decode_jobs(shards: Iterable[ShardPlan], config: BuildConfig,
     limits = ReadLimits.of(config)
     for plan in shards:
         for planned in plan.records:
-            yield (plan, planned), DecodeJob(path=planned.record.location, bucket=plan.bucket,
-                                             resize_mode=config.resize_mode, max_pixels=limits.max_pixels,
-                                             expected_hw=planned.expected_hw, lanczos=lanczos,
-                                             max_bytes=limits.max_bytes, root=limits.root_of(planned.record))
+            record = planned.record
+            job = DecodeJob(path=record.path if record.embedded else record.location, bucket=plan.bucket,
+                            resize_mode=config.resize_mode, max_pixels=limits.max_pixels,
+                            expected_hw=planned.expected_hw, lanczos=lanczos, max_bytes=limits.max_bytes,
+                            root=limits.root_of(record), data=record.image_bytes)
+            record.image_bytes = None  # the job holds them now: a shard's records need not keep every image
+            yield (plan, planned), job
 
 
 class ShardExecutor:
@@ -308,6 +311,9 @@ class ShardExecutor:
             "t5_lengths": {name: int(array.shape[0]) for name, array in t5.items()},
             "image_ext": image.extension if self.config.keep_images else None,
         }
+        source = planned.source_metadata  # declared in the manifest by the plan
+        if source:
+            metadata["source"] = source
         members = [("json", json_bytes(metadata)), ("txt", planned.captions[primary].encode("utf-8"))]
         if self.config.keep_images:
             members.append((image.extension, image.image_bytes))
@@ -431,9 +437,7 @@ class BuildJob:
         if overwrite or MANIFEST_NAME not in names:
             return None
         previous = read_manifest_at(storage, MANIFEST_NAME)
-        # Options added since OUTPUT was started count as their defaults (what that build did).
-        recorded = {**BuildConfig().content_fields(), **previous.config}
-        old = {k: v for k, v in recorded.items() if k not in BuildConfig.RUNTIME_FIELDS}
+        old = BuildConfig.recorded_content(previous.config)
         new = self.config.content_fields()
         changed = [f"{k} {_option_value(old.get(k))} -> {_option_value(new.get(k))}"
                    for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
@@ -508,6 +512,7 @@ class BuildJob:
     def _read_or_make_plan(self, rendezvous: bool) -> BuildPlan:
         plan = read_plan(self.storage)
         if plan is not None:
+            plan.config = BuildConfig.recorded_content(plan.config)
             # One pass over SOURCE's metadata (no image is opened): the plan must be of this source.
             expected = self._new_plan(describe_source(self.records()), [], [])
             refusal = plan.refusal(expected, self.storage.url_of(PLAN_NAME), self.spec.describe())

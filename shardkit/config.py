@@ -148,6 +148,12 @@ class BuildConfig:
         """The options that decide the shards' bytes: a resume must find them unchanged."""
         return {k: v for k, v in self.to_json().items() if k not in self.RUNTIME_FIELDS}
 
+    @classmethod
+    def recorded_content(cls, recorded: dict[str, Any]) -> dict[str, Any]:
+        """The content fields an earlier build recorded, options added since counting as their
+        defaults (what that build did)."""
+        return {k: v for k, v in {**cls().content_fields(), **recorded}.items() if k not in cls.RUNTIME_FIELDS}
+
     def fingerprint(self) -> str:
         blob = json.dumps(self.content_fields(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]

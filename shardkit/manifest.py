@@ -59,6 +59,8 @@ class Manifest:
     distributed: dict[str, Any] | None = None
     # The declaration of the samples (format.SampleFormat.as_json()); None in manifests written before it.
     sample_format: dict[str, Any] | None = None
+    # The source's own metadata fields in the samples' "source" record: name -> JSON types seen.
+    source_fields: dict[str, list[str]] = field(default_factory=dict)
 
     def declaration(self) -> SampleFormat:
         """What every sample of the build holds: as declared, or derived from the config and
@@ -66,16 +68,6 @@ class Manifest:
         if self.sample_format is not None:
             return SampleFormat.from_json(self.sample_format)
         return declare_from_config(self.config, self.encoders)
-    # The source's own metadata fields in the samples' "source" record: name -> JSON types seen.
-    source_fields: dict[str, list[str]] = field(default_factory=dict)
-
-    def declare_source_fields(self, metadata: dict[str, Any]) -> None:
-        for name, value in metadata.items():
-            kind = json_type(value)
-            kinds = self.source_fields.setdefault(name, [])
-            if kind not in kinds:
-                kinds.append(kind)
-                kinds.sort()
 
     # ---- derived views -------------------------------------------------------------------
     def all_skips(self) -> list[dict]:
@@ -147,6 +139,15 @@ class Manifest:
                    distributed=data.get("distributed"), sample_format=data.get("sample_format"),
                    source_fields=dict(data.get("source_fields", {})))
 
+
+def declare_source_fields(declared: dict[str, list[str]], metadata: dict[str, Any]) -> None:
+    """Add a sample's source metadata to ``declared`` (name -> the JSON types seen, sorted)."""
+    for name, value in metadata.items():
+        kinds = declared.setdefault(name, [])
+        kind = json_type(value)
+        if kind not in kinds:
+            kinds.append(kind)
+            kinds.sort()
 
 
 def json_type(value: Any) -> str:

@@ -30,6 +30,7 @@ from .errors import SourceError
 from .filters import parse_filter
 from .images import ImageHeader, ImageSkip, file_size, header_from_bytes, image_file_bytes, read_header
 from .lookahead import bounded_map
+from .manifest import declare_source_fields
 from .sourcefiles import PATH_OUTSIDE_ROOT
 from .sources import IMAGE_EXTENSIONS, MISSING_IMAGE, Record, image_digest
 from .storage import RemotePath
@@ -79,6 +80,11 @@ class PlannedRecord:
     expected_hw: tuple[int, int] | None  # from the metadata, checked against the decoded image
     planned_bytes: int
 
+    @property
+    def source_metadata(self) -> dict:
+        """The source's own fields, for the sample's metadata record (captions are there already)."""
+        return {k: v for k, v in self.record.metadata.items() if k not in self.captions}
+
 
 @dataclass
 class ShardPlan:
@@ -119,20 +125,6 @@ class ReadLimits:
         return None if self.follow_symlinks_outside_root else record.image_root
 
 
-def record_image_digest(record: Record, limits: ReadLimits) -> bytes | None:
-    """--dedup's digest of the record's image bytes (read whole from a file), or None when it has none."""
-    if record.image_digest is not None or record.escapes_root:
-        return record.image_digest
-    if record.embedded:
-        data = record.image_bytes
-    else:
-        try:
-            data = image_file_bytes(record.location, limits.max_bytes, limits.root_of(record))
-        except ImageSkip:
-            return None  # the decode stage meets the same problem and records the skip
-    return image_digest(data) if data else None
-
-
 def look_up_image(record: Record, keep_images: bool, limits: ReadLimits, dedup: bool = False) -> ImageFacts:
     """The image's header (if the metadata lacks its size) and its size in bytes (if images are kept).
 
@@ -145,7 +137,7 @@ def look_up_image(record: Record, keep_images: bool, limits: ReadLimits, dedup: 
     facts = ImageFacts()
     if record.escapes_root or record.source_problem is not None:
         return facts  # skipped without touching storage
-    if dedup and not record.embedded and record.image_digest is None:
+    if dedup and not record.embedded:
         # --dedup reads the whole file anyway: its header and size come from that one read.
         try:
             data = image_file_bytes(record.location, limits.max_bytes, limits.root_of(record))
@@ -155,11 +147,10 @@ def look_up_image(record: Record, keep_images: bool, limits: ReadLimits, dedup: 
             return facts  # with a size from the metadata, the decode stage records the skip
         facts.digest = image_digest(data)
         return _facts_from_bytes(facts, data, str(record.location), record, limits.max_pixels)
-    if dedup:
-        facts.digest = record_image_digest(record, limits)
     if record.embedded:
         # The bytes are in memory: the header costs no I/O.
         if record.image_bytes is not None:
+            facts.digest = image_digest(record.image_bytes) if dedup and record.image_bytes else None
             _facts_from_bytes(facts, record.image_bytes, record.path, record, limits.max_pixels)
         return facts
     if record.width is None or record.height is None:
@@ -193,6 +184,8 @@ class PlanStats:
     records_read: int = 0
     planned: int = 0
     skips: list[Skip] = field(default_factory=list)
+    # The planned records' source metadata fields and their JSON types, declared in the manifest.
+    source_fields: dict[str, list[str]] = field(default_factory=dict)
 
 
 class Planner:
@@ -234,12 +227,16 @@ class Planner:
         for record, facts in self._looked_up(records):
             self.stats.records_read += 1
             planned = self._plan_record(record, facts)
+            # The plan keeps source indices only (a shard's writer reads its records again): the
+            # image bytes a tar or table held are not kept for the shards still open.
+            record.image_bytes = None
             if isinstance(planned, Skip):
                 self.stats.skips.append(planned)
                 if self.on_skip is not None:
                     self.on_skip(planned)
                 continue
             self.stats.planned += 1
+            declare_source_fields(self.stats.source_fields, planned.source_metadata)
             bucket = planned.bucket
             plan = open_plans.get(bucket.key)
             if plan is not None and plan.records and plan.planned_bytes + planned.planned_bytes > self.config.shard_max_bytes:

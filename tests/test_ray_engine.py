@@ -28,11 +28,12 @@ def local_ray():
     ray.shutdown()
 
 
-@pytest.mark.parametrize("dataset", ["toy", "synthetic"])
+@pytest.mark.parametrize("dataset", ["toy", "synthetic", "tars"])
 def test_a_ray_build_writes_the_bytes_of_one_process(dataset, local_ray, one_process_builds, tiny_models, tmp_path):
     output = tmp_path / "out"
     result = CliRunner().invoke(main, ["build", str(one_process_builds.sources[dataset]), str(output),
-                                       *build_flags(tiny_models), "--engine", "ray"])
+                                       *build_flags(tiny_models), *one_process_builds.flags[dataset],
+                                       "--engine", "ray"])
     assert result.exit_code == 0, result.output
     assert output_files(output) == output_files(one_process_builds(dataset))
     assert inspect_output(str(output), verify_shards=True).exit_code == 0

@@ -332,23 +332,6 @@ def test_dedup_holds_across_kill_and_resume(tmp_path, make_config, encoders):
     assert read_manifest(output).source_fields == {"row": ["number"]}
 
 
-def test_dedup_across_ranks_equals_one_process(tmp_path, make_config, encoders):
-    from shardkit.distributed import RankInfo, merge_parts
-    from shardkit.storage import LocalStorage
-
-    source = _duplicated_parquet(tmp_path)
-    config = make_config(captions=("caption",), dedup=True)
-    single = build(str(source), tmp_path / "single", config, encoders=encoders)
-    output = tmp_path / "ranks"
-    for rank in range(2):
-        build(str(source), output, config, encoders=encoders, ranks=RankInfo(rank=rank, world_size=2))
-    merged = merge_parts(LocalStorage(output))
-    assert (merged.samples, merged.skipped) == (single.written, single.skipped)
-    assert sorted(_by_caption_field(output)) == sorted(_by_caption_field(tmp_path / "single"))
-    reasons = sorted((f["index"], f["reason"]) for f in _failures(output))
-    assert reasons == sorted((f["index"], f["reason"]) for f in _failures(tmp_path / "single"))
-
-
 def test_dedup_reads_image_files_of_a_folder_source(tmp_path, make_config, encoders):
     folder = _folder(tmp_path)
     (folder / "zz-copy.png").write_bytes(_image_bytes("000000001"))

@@ -31,7 +31,7 @@ from .base import (DAMAGED_SHARD, IMAGE_EXTENSIONS, INVALID_METADATA, MISSING_IM
                    image_digest, make_key)
 
 __all__ = ["DAMAGED_SHARD", "IMAGE_EXTENSIONS", "INVALID_METADATA", "MISSING_IMAGE", "Record", "SourceSpec",
-           "count_records", "expand_braces", "image_digest", "iter_records", "make_key", "resolve_source"]
+           "expand_braces", "image_digest", "iter_records", "make_key", "resolve_source"]
 
 _READERS = {"pixart": pixart, "jsonl": jsonl, "folder": folder, "webdataset": webdataset, "parquet": parquet, "hf": hf}
 _BRACE_RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
@@ -200,9 +200,3 @@ def iter_records(spec: SourceSpec, caption_fields: tuple[str, ...],
     if spec.kind == "folder":
         return folder.iter_records(spec, caption_fields, follow_symlinks_outside_root)
     return _READERS[spec.kind].iter_records(spec, caption_fields)
-
-
-def count_records(spec: SourceSpec) -> int | None:
-    """How many records a source holds when that is cheap to know (for the progress bar)."""
-    counter = getattr(_READERS[spec.kind], "count_records", None)
-    return counter(spec) if counter is not None else None

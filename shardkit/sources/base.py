@@ -44,8 +44,6 @@ class Record:
     captions: dict[str, Any]  # raw caption values: validated in plan.py
     width: int | None = None  # from the metadata; None means "read the image header"
     height: int | None = None
-    # Set when an earlier record of the source (possibly on another rank) has the same path.
-    repeats_earlier_path: bool = False
     # Folder sources: the same-stem .txt the first caption field is read from (relative path).
     caption_file: str | None = None
     # (reason, detail) when the caption file was refused (not a regular file, too large, outside the root).
@@ -58,8 +56,6 @@ class Record:
     source_key: str | None = None  # the source's own key for the sample, made readable in ours
     # (reason, detail) when the source could not give this record whole: a skip before anything else.
     source_problem: tuple[str, str] | None = None
-    # blake2b-128 of the image bytes, when --dedup needed it before planning (multi-rank splits).
-    image_digest: bytes | None = None
 
     @property
     def normalized_path(self) -> str:

@@ -61,13 +61,6 @@ def _read_caption_file(path: Path, root: Path | None, caption_field: str,
     return None
 
 
-def count_records(spec: SourceSpec) -> int:
-    """A listing: no file is opened."""
-    if isinstance(spec.image_root, RemotePath):
-        return sum(1 for f in spec.image_root.find() if f.lower().endswith(IMAGE_EXTENSIONS))
-    return sum(1 for _, _, files in os.walk(spec.image_root) for name in files
-               if name.lower().endswith(IMAGE_EXTENSIONS))
-
 
 def _walk_order(relative: str) -> tuple:
     """The order of the local walk above: a folder's files (sorted) before its subfolders (sorted)."""

@@ -90,13 +90,3 @@ def _arrow_stream(path: Location) -> Iterator[pa.ipc.RecordBatchStreamReader]:
         handle = open_read(path.url, path.options) if isinstance(path, RemotePath) else pa.memory_map(str(path))
         with handle, pa.ipc.open_stream(handle) as stream:
             yield stream
-
-
-def count_records(spec: SourceSpec) -> int | None:
-    info = _read_json(spec.metadata / INFO_FILE)
-    splits = info.get("splits") if isinstance(info, dict) else None
-    if isinstance(splits, dict) and len(splits) == 1:
-        examples = next(iter(splits.values()))
-        if isinstance(examples, dict) and isinstance(examples.get("num_examples"), int):
-            return examples["num_examples"]
-    return None

@@ -28,8 +28,3 @@ def iter_records(spec: SourceSpec, caption_fields: tuple[str, ...]) -> Iterator[
                 raise SourceError(f"{where}: {JSON_TOO_DEEP}") from None
             yield record_from_item(item, index, where, spec.image_root, caption_fields)
             index += 1
-
-
-def count_records(spec: SourceSpec) -> int:
-    with spec.metadata.open("rb") as fh:
-        return sum(1 for line in fh if line.strip())

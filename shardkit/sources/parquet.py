@@ -43,11 +43,3 @@ def check(spec: SourceSpec) -> None:
     with open_parquet(spec.files[0]) as parquet:
         schema = parquet.schema_arrow
         find_image_column(schema, spec.image_column, hf_features(schema), spec.files[0].name)
-
-
-def count_records(spec: SourceSpec) -> int:
-    total = 0
-    for path in spec.files:
-        with open_parquet(path) as parquet:
-            total += parquet.metadata.num_rows
-    return total

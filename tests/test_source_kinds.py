@@ -368,3 +368,31 @@ def test_untrusted_tar_members_become_recorded_problems(tmp_path, monkeypatch):
     assert records["a"].captions == {"txt": None}  # planned as invalid_caption
     assert records["d"].source_problem[0] == "oversized_member" and "d.txt has 65 bytes" in records["d"].source_problem[1]
     assert records["e"].metadata == {"caption": "from the json", "aesthetic": 5}
+
+
+def test_deeply_nested_metadata_is_a_recorded_problem_not_a_crash(tmp_path):
+    from shardkit.sources import iter_records, resolve_source
+
+    deep = 1
+    for _ in range(40):
+        deep = [deep]
+    shard = tmp_path / "00000.tar"
+    with tarfile.open(shard, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, extra in (("flat", {"tags": [["a"]]}), ("deep", {"tags": deep})):
+            _add(tar, f"{key}.jpg", _image_bytes("000000000"))
+            _add(tar, f"{key}.json", json.dumps({"caption": key, **extra}).encode())
+    records = {r.source_key: r for r in iter_records(resolve_source(shard), ("caption",))}
+    assert records["flat"].source_problem is None and records["flat"].metadata == {"tags": [["a"]]}
+    assert records["deep"].source_problem[0] == "invalid_metadata"
+    assert "more than 32 levels deep" in records["deep"].source_problem[1]
+
+    column_type = pa.int64()
+    for _ in range(40):
+        column_type = pa.list_(column_type)
+    table = pa.table({"jpg": pa.array([_image_bytes("000000000")] * 2, pa.binary()), "caption": ["a", "b"],
+                      "tags": pa.array([None, deep], column_type)})
+    pq.write_table(table, tmp_path / "deep.parquet")
+    first, second = iter_records(resolve_source(tmp_path / "deep.parquet"), ("caption",))
+    assert first.source_problem is None and first.metadata == {"tags": None}
+    assert second.source_problem == ("invalid_metadata", "row 1 of deep.parquet nests lists or objects more than 32 "
+                                                         "levels deep")

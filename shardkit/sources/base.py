@@ -25,6 +25,9 @@ INVALID_METADATA = "invalid_metadata"
 # hundred tokens of it, and a larger "caption" is a mistake or an attack on memory.
 CAPTION_MAX_BYTES = 1024 * 1024
 CAPTION_LIMIT = f"captions are read up to {CAPTION_MAX_BYTES} bytes"
+# Metadata nested deeper than this (a tar's json member, a table's struct and list columns) is
+# refused: what a trainer filters on is flat, and deep nesting only costs recursion downstream.
+MAX_METADATA_DEPTH = 32
 
 _UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9_-]+")
 _KEY_STEM_CHARS = 64
@@ -111,6 +114,24 @@ class SourceSpec:
             return f"{self.kind} source at {self.metadata or self.image_root}"
         more = f" and {len(self.files) - 1} more files" if len(self.files) > 1 else ""
         return f"{self.kind} source at {self.files[0]}{more}"
+
+
+def nested_too_deep(value: Any, limit: int = MAX_METADATA_DEPTH) -> bool:
+    """Whether lists and objects nest more than ``limit`` levels in ``value`` (walked without recursion)."""
+    pending = [(value, 0)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        if isinstance(item, (list, tuple)):
+            if depth >= limit:
+                return True
+            pending.extend((child, depth + 1) for child in item)
+    return False
+
+
+def too_deep_problem(where: str) -> tuple[str, str]:
+    return INVALID_METADATA, f"{where} nests lists or objects more than {MAX_METADATA_DEPTH} levels deep"
 
 
 def json_value(value: Any) -> tuple[bool, Any]:

@@ -18,7 +18,7 @@ import pyarrow as pa
 from ..errors import SourceError
 from ..images import SourceUnavailable
 from ..storage import RemotePath
-from .base import IMAGE_EXTENSIONS, Location, Record, json_value
+from .base import IMAGE_EXTENSIONS, Location, Record, json_value, nested_too_deep, too_deep_problem
 
 # Columns whose text is taken as an image path when no column holds image bytes.
 _PATH_COLUMNS = ("image", "image_path", "path", "file_name", "filepath")
@@ -110,7 +110,8 @@ def _record(values: dict[str, Any], image: ImageColumn, file_name: str, stem: st
     cell = values.pop(image.name)
     captions = {name: values[name] for name in caption_fields if values.get(name) is not None}  # null: missing
     metadata = {}
-    for name, value in values.items():
+    problem = too_deep_problem(f"row {row} of {file_name}") if nested_too_deep(values) else None
+    for name, value in values.items() if problem is None else ():
         usable, value = json_value(value)
         if usable and name not in caption_fields:
             metadata[name] = value
@@ -123,8 +124,9 @@ def _record(values: dict[str, Any], image: ImageColumn, file_name: str, stem: st
         data, path = None, cell
     if data is None and isinstance(path, str) and path.strip():
         # An image stored as a path: read from the image root like a JSONL source's.
-        return Record(index=index, path=path, image_root=image_root, captions=captions, metadata=metadata)
+        return Record(index=index, path=path, image_root=image_root, captions=captions, metadata=metadata,
+                      source_problem=problem)
     if source_key is None:
         source_key = posixpath.splitext(posixpath.basename(path))[0] if isinstance(path, str) and path else f"{stem}_{row}"
     return Record(index=index, path=f"{file_name}#{row}", image_root=None, captions=captions, metadata=metadata,
-                  embedded=True, image_bytes=data if data else None, source_key=source_key)
+                  embedded=True, image_bytes=data if data else None, source_key=source_key, source_problem=problem)

@@ -25,7 +25,8 @@ from typing import Any, Iterator
 from ..errors import SourceError
 from ..images import SourceUnavailable
 from ..storage import RemotePath, open_read
-from .base import DAMAGED_SHARD, IMAGE_EXTENSIONS, INVALID_METADATA, Location, Record, SourceSpec
+from .base import (DAMAGED_SHARD, IMAGE_EXTENSIONS, INVALID_METADATA, Location, Record, SourceSpec, nested_too_deep,
+                   too_deep_problem)
 
 # webdataset's split of a member name into key and extension: the key ends at the basename's first dot.
 _KEY_AND_EXTENSION = re.compile(r"^((?:.*/|)[^./][^./]*)\.([^/]*)$")
@@ -154,6 +155,9 @@ def _record(sample: _Sample, index: int, shard_name: str, caption_fields: tuple[
             parsed = _json_member(data)
             if not isinstance(parsed, dict):
                 record.source_problem = (INVALID_METADATA, f"{path}.{extension} is not a JSON object ({parsed})")
+                return record
+            if nested_too_deep(parsed):
+                record.source_problem = too_deep_problem(f"{path}.{extension}")
                 return record
             metadata = parsed
             continue

@@ -8,8 +8,9 @@ number of workers) executes any of its shards and writes the same bytes.
 The file is compact: per shard its bucket, its number within the bucket and the source indices
 of its records; the records themselves are read again from SOURCE by whoever executes a shard.
 A digest of every record of SOURCE (index, path, captions, width, height, and the source's own
-metadata where it has more) ties the plan to its source, and a sha256 over the rest of the file catches any edit: a resume refuses a plan that
-is damaged, edited, or made for another source or config.
+metadata where it has more) ties the plan to its source, and a sha256 over the rest of the file
+catches any edit: a resume refuses a plan that is damaged, edited, or made for another source or
+config. Every choice of records (skips, filters, --dedup) is made here, once.
 """
 
 from __future__ import annotations

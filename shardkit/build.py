@@ -513,7 +513,7 @@ class BuildJob:
         plan = read_plan(self.storage)
         if plan is not None:
             plan.config = BuildConfig.recorded_content(plan.config)
-            # One pass over SOURCE's metadata (no image is opened): the plan must be of this source.
+            # One pass over SOURCE (no image looked up or decoded): the plan must be of this source.
             expected = self._new_plan(describe_source(self.records()), [], [])
             refusal = plan.refusal(expected, self.storage.url_of(PLAN_NAME), self.spec.describe())
             if refusal is not None:

@@ -284,7 +284,6 @@ class Planner:
         norm = record.normalized_path
         if self._seen_paths.first_or_add(digest_of(norm), record.index) is not None:
             return skip(DUPLICATE_PATH, f"path {record.path!r} was already read earlier in the source")
-        self._seen_paths.add(norm)
         if record.refused_caption is not None:
             return skip(*record.refused_caption)
         key = record.key

@@ -366,7 +366,7 @@ class BuildJob:
         self.storage = Storage.for_url(output, storage_options_for(output, config.endpoint_url, storage_options))
         self.output = self.storage.location
         self.spec = resolve_source(source, config.image_root, _source_options(source, config, storage_options),
-                                   config.image_column)
+                                   config.image_column, config.image_byte_limit())
         self.table = BucketTable(config.resolution)
         # Every mistake in the options is found before the encoders load (seconds to minutes) and
         # before OUTPUT is changed. One build at a time: this worker's lock comes first, so a second

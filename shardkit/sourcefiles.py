@@ -14,6 +14,7 @@ import functools
 import os
 import stat
 from pathlib import Path
+from typing import BinaryIO
 
 NOT_A_REGULAR_FILE = "not_a_regular_file"
 FILE_TOO_LARGE = "file_too_large"
@@ -88,6 +89,20 @@ def read_source_file(path: Path, max_bytes: int, root: Path | None, length: int 
     if len(data) > max_bytes:
         raise too_large(path, f"more than {max_bytes} bytes", max_bytes, limit_option)
     return data, max(status.st_size, len(data))
+
+
+def open_regular(path: Path) -> BinaryIO:
+    """A local source file opened for streaming (a tar shard, a Parquet or Arrow file), only when it is
+    a regular file (a FIFO would block the build forever, a device never end); else a ``SourceFileSkip``."""
+    _require_regular(os.stat(path), path)
+    descriptor = os.open(path, _OPEN_FLAGS)
+    try:
+        _require_regular(os.fstat(descriptor), path)
+        os.set_blocking(descriptor, True)
+        return os.fdopen(descriptor, "rb")
+    except BaseException:
+        os.close(descriptor)
+        raise
 
 
 def too_large(path: object, size: str, max_bytes: int, limit_option: str = "--max-image-bytes") -> SourceFileSkip:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import io
 import json
+import os
 import subprocess
 import sys
 import tarfile
@@ -239,6 +240,40 @@ def test_parquet_null_image_is_a_skip_and_image_column_is_checked(tmp_path, make
     assert result.exit_code == 2 and "has no column 'photo'" in result.output and "Traceback" not in result.output
 
 
+@pytest.mark.timeout(300)
+def test_parquet_paths_and_cells_are_read_as_image_files_are(tmp_path, make_config, encoders):
+    """A path column's paths stay inside --image-root (symbolic links resolved); image files and
+    cells are held to --max-image-bytes; a FIFO named like a table is one line, never opened."""
+    root = tmp_path / "images"
+    root.mkdir()
+    (root / "a.jpg").write_bytes(_image_bytes("000000000"))
+    (root / "big.png").write_bytes(_image_bytes("000000001"))
+    (tmp_path / "outside.png").write_bytes(_image_bytes("000000001"))
+    (root / "link.png").symlink_to(tmp_path / "outside.png")
+    paths = tmp_path / "paths.parquet"
+    pq.write_table(pa.table({"image": ["a.jpg", "big.png", "link.png", "../outside.png"],
+                             "caption": ["one", "two", "three", "four"]}), paths)
+    bound = len(_image_bytes("000000000")) + 100
+    config = make_config(captions=("caption",), image_root=str(root), max_image_bytes=bound)
+    summary = build(str(paths), tmp_path / "out", config, encoders=encoders)
+    assert summary.written == 1
+    assert {f["source"]: f["reason"] for f in _failures(tmp_path / "out")} == {
+        "big.png": "file_too_large", "link.png": "path_outside_root", "../outside.png": "path_outside_root"}
+    cells = tmp_path / "cells.parquet"
+    pq.write_table(pa.table({"jpg": pa.array([_image_bytes("000000000"), _image_bytes("000000001")], pa.binary()),
+                             "caption": ["one", "two"]}), cells)
+    summary = build(str(cells), tmp_path / "out-cells", make_config(captions=("caption",), max_image_bytes=bound),
+                    encoders=encoders)
+    (skip,) = _failures(tmp_path / "out-cells")
+    assert summary.written == 1 and (skip["source"], skip["reason"]) == ("cells.parquet#1", "file_too_large")
+    fifos = tmp_path / "fifos"
+    fifos.mkdir()
+    os.mkfifo(fifos / "part-0.parquet")
+    result = CliRunner().invoke(main, ["build", str(fifos / "*.parquet"), str(tmp_path / "out-fifo")])
+    assert result.exit_code == 2 and "is a FIFO (named pipe), not a regular file" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
 def test_hf_dataset_saved_to_disk_and_to_parquet(tmp_path, folder_build, make_config, encoders):
     datasets = pytest.importorskip("datasets")
     images = [{"bytes": _image_bytes(k), "path": f"{k}.img"} for k, *_ in IMAGES]
@@ -342,8 +377,8 @@ def test_dedup_reads_image_files_of_a_folder_source(tmp_path, make_config, encod
     assert skip["source"] == "zz-copy.png" and skip["detail"].startswith("image bytes equal those of record 1,")
 
 
-def test_untrusted_tar_members_become_recorded_problems(tmp_path, monkeypatch):
-    from shardkit.sources import iter_records, resolve_source, webdataset
+def test_untrusted_tar_members_become_recorded_problems(tmp_path):
+    from shardkit.sources import iter_records, resolve_source
 
     shard = tmp_path / "00000.tar"
     with tarfile.open(shard, "w", format=tarfile.USTAR_FORMAT) as tar:
@@ -356,18 +391,24 @@ def test_untrusted_tar_members_become_recorded_problems(tmp_path, monkeypatch):
         _add(tar, "c.jpg", _image_bytes("000000001"))
         _add(tar, "c.json", b"[" * 100_000)
         _add(tar, "d.jpg", _image_bytes("000000002"))
-        _add(tar, "d.txt", b"x" * 65)
+        _add(tar, "d.txt", b"x" * (1024 * 1024 + 1))  # a caption member is bounded as a caption file is
         _add(tar, "e.jpg", _image_bytes("000000003"))
         _add(tar, "e.json", b'{"caption": "from the json", "aesthetic": 5}')
     records = {r.source_key: r for r in iter_records(resolve_source(shard), ("caption",))}
     assert records["a"].captions == {} and records["a"].image_bytes == _image_bytes("000000000")
     assert records["b"].image_bytes is None and records["b"].source_problem is None  # planned as missing_image
     assert records["c"].source_problem == ("invalid_metadata", "00000.tar/c.json is not a JSON object (nested too deeply)")
-    monkeypatch.setattr(webdataset, "MAX_TEXT_MEMBER_BYTES", 64)
     records = {r.source_key: r for r in iter_records(resolve_source(shard), ("txt",))}
     assert records["a"].captions == {"txt": None}  # planned as invalid_caption
-    assert records["d"].source_problem[0] == "oversized_member" and "d.txt has 65 bytes" in records["d"].source_problem[1]
+    assert records["d"].source_problem == ("file_too_large", "00000.tar/d.txt holds 1048577 bytes, over the limit of "
+                                                             "1048576 bytes (captions are read up to 1048576 bytes)")
     assert records["e"].metadata == {"caption": "from the json", "aesthetic": 5}
+    # An image member over --max-image-bytes is refused by its header, before it is read.
+    bound = len(_image_bytes("000000003"))  # e.jpg's size: c.jpg holds more
+    records = {r.source_key: r for r in iter_records(resolve_source(shard, max_image_bytes=bound), ("txt",))}
+    assert records["e"].source_problem is None and records["e"].image_bytes == _image_bytes("000000003")
+    assert records["c"].source_problem == ("file_too_large", f"00000.tar/c.jpg holds {len(_image_bytes('000000001'))} "
+                                                             f"bytes, over the limit of {bound} bytes (--max-image-bytes)")
 
 
 def test_deeply_nested_metadata_is_a_recorded_problem_not_a_crash(tmp_path):

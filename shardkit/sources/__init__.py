@@ -22,6 +22,7 @@ from __future__ import annotations
 import glob
 import os
 import re
+from dataclasses import replace
 from typing import Any, Iterator
 
 from ..errors import SourceError
@@ -45,10 +46,12 @@ _KINDS_HELP = ("a PixArt dataset folder, a data_info.json, a .jsonl file, an ima
 
 
 def resolve_source(source: str | os.PathLike, image_root: str | None = None,
-                   storage_options: dict[str, Any] | None = None, image_column: str | None = None) -> SourceSpec:
+                   storage_options: dict[str, Any] | None = None, image_column: str | None = None,
+                   max_image_bytes: int | None = None) -> SourceSpec:
     """Work out which kind of source SOURCE is, or say clearly why it is none of them.
 
     SOURCE and ``image_root`` may be URLs (``s3://...``, ``https://...``), opened with ``storage_options``.
+    ``max_image_bytes`` bounds the images a tar or table holds (default: as ``--max-image-bytes``).
     """
     try:
         spec = _resolve(str(source), image_root, storage_options or {})
@@ -56,7 +59,8 @@ def resolve_source(source: str | os.PathLike, image_root: str | None = None,
         raise SourceError(f"cannot read source {source}: {exc}; check the URL, the credentials and the endpoint") from None
     if image_column is not None and spec.kind not in ("parquet", "hf"):
         raise SourceError(f"--image-column names a column of a Parquet or save_to_disk source; {spec.describe()} has none")
-    spec = SourceSpec(spec.kind, spec.metadata, spec.image_root, spec.files, image_column)
+    spec = replace(spec, image_column=image_column,
+                   **({"max_image_bytes": max_image_bytes} if max_image_bytes is not None else {}))
     check = getattr(_READERS[spec.kind], "check", None)
     if check is not None:
         check(spec)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..format import DEFAULT_MAX_IMAGE_PIXELS, image_bound
 from ..storage import RemotePath
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -108,6 +109,8 @@ class SourceSpec:
     # webdataset / parquet / hf: the files read, in order (tar shards, Parquet or Arrow files).
     files: tuple[Location, ...] = ()
     image_column: str | None = None  # parquet / hf: the column named by --image-column
+    # webdataset / parquet / hf: the most bytes an image member or cell may hold (--max-image-bytes).
+    max_image_bytes: int = image_bound(DEFAULT_MAX_IMAGE_PIXELS)
 
     def describe(self) -> str:
         if self.kind == "hf" or not self.files:

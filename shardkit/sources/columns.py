@@ -17,6 +17,7 @@ import pyarrow as pa
 
 from ..errors import SourceError
 from ..images import SourceUnavailable
+from ..sourcefiles import FILE_TOO_LARGE, SourceFileSkip, too_large
 from ..storage import RemotePath
 from .base import IMAGE_EXTENSIONS, Location, Record, json_value, nested_too_deep, too_deep_problem
 
@@ -84,6 +85,8 @@ def table_errors(path: Location, kind: str, hint: str) -> Iterator[None]:
     object-storage trouble stops the build resumably instead."""
     try:
         yield
+    except SourceFileSkip as exc:  # a FIFO or device named like a table
+        raise SourceError(f"{exc.detail}; {hint}") from None
     except FileNotFoundError:
         raise SourceError(f"{path} does not exist; {hint}") from None
     except pa.ArrowInvalid as exc:
@@ -95,18 +98,20 @@ def table_errors(path: Location, kind: str, hint: str) -> Iterator[None]:
 
 
 def table_records(batches: Iterator[pa.RecordBatch], image: ImageColumn, file_name: str, image_root: Location,
-                  caption_fields: tuple[str, ...], first_index: int) -> Iterator[Record]:
-    """One Record per row, in order; ``first_index`` is the source index of the file's first row."""
+                  caption_fields: tuple[str, ...], first_index: int, max_image_bytes: int) -> Iterator[Record]:
+    """One Record per row, in order; ``first_index`` is the source index of the file's first row.
+    An image cell over ``max_image_bytes`` is the record's FILE_TOO_LARGE problem (its bytes let go)."""
     stem = posixpath.splitext(file_name)[0]
     row = 0
     for batch in batches:
         for values in batch.to_pylist():
-            yield _record(values, image, file_name, stem, row, image_root, caption_fields, first_index + row)
+            yield _record(values, image, file_name, stem, row, image_root, caption_fields, first_index + row,
+                          max_image_bytes)
             row += 1
 
 
 def _record(values: dict[str, Any], image: ImageColumn, file_name: str, stem: str, row: int,
-            image_root: Location, caption_fields: tuple[str, ...], index: int) -> Record:
+            image_root: Location, caption_fields: tuple[str, ...], index: int, max_image_bytes: int) -> Record:
     cell = values.pop(image.name)
     captions = {name: values[name] for name in caption_fields if values.get(name) is not None}  # null: missing
     metadata = {}
@@ -122,6 +127,9 @@ def _record(values: dict[str, Any], image: ImageColumn, file_name: str, stem: st
         data, path = (cell or {}).get("bytes"), (cell or {}).get("path")
     elif image.kind == "path":
         data, path = None, cell
+    if data is not None and len(data) > max_image_bytes:
+        problem = problem or (FILE_TOO_LARGE, too_large(f"{file_name}#{row}", f"{len(data)} bytes", max_image_bytes).detail)
+        data = b""  # never held, nor read as a path instead
     if data is None and isinstance(path, str) and path.strip():
         # An image stored as a path: read from the image root like a JSONL source's.
         return Record(index=index, path=path, image_root=image_root, captions=captions, metadata=metadata,

@@ -11,6 +11,7 @@ from typing import Any, Iterator
 import pyarrow as pa
 
 from ..errors import SourceError
+from ..sourcefiles import SourceFileSkip, open_regular, read_source_file
 from ..storage import RemotePath, open_read
 from .base import Location, Record, SourceSpec
 from .columns import find_image_column, table_errors, table_records
@@ -20,13 +21,20 @@ INFO_FILE = "dataset_info.json"
 DICT_FILE = "dataset_dict.json"
 # The folder's small JSON files are read whole; larger ones are not what datasets writes.
 _MAX_JSON_BYTES = 16 * 2**20
+_JSON_LIMIT = f"a save_to_disk folder's JSON files are read up to {_MAX_JSON_BYTES} bytes"
 
 
 def _read_json(path: Location) -> Any:
     try:
-        if path.stat().st_size > _MAX_JSON_BYTES:
-            raise SourceError(f"{path} is larger than {_MAX_JSON_BYTES} bytes; it is not a datasets file")
-        return json.loads(path.read_bytes().decode("utf-8"))
+        if isinstance(path, RemotePath):
+            if path.stat().st_size > _MAX_JSON_BYTES:
+                raise SourceError(f"{path} is larger than {_MAX_JSON_BYTES} bytes; it is not a datasets file")
+            data = path.read_bytes()
+        else:
+            data, _ = read_source_file(path, _MAX_JSON_BYTES, None, limit_option=_JSON_LIMIT)
+        return json.loads(data.decode("utf-8"))
+    except SourceFileSkip as exc:
+        raise SourceError(f"{exc.detail}; it is not a datasets file") from None
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise SourceError(f"{path} is not valid JSON ({exc}); is the folder a complete save_to_disk output?") from None
 
@@ -72,7 +80,8 @@ def iter_records(spec: SourceSpec, caption_fields: tuple[str, ...]) -> Iterator[
     for path in spec.files:
         with _arrow_stream(path) as stream:
             image = find_image_column(stream.schema, spec.image_column, features, path.name)
-            for record in table_records(iter(stream), image, path.name, spec.image_root or folder, caption_fields, index):
+            for record in table_records(iter(stream), image, path.name, spec.image_root or folder, caption_fields, index,
+                                        spec.max_image_bytes):
                 yield record
                 index += 1
 
@@ -87,6 +96,6 @@ def check(spec: SourceSpec) -> None:
 def _arrow_stream(path: Location) -> Iterator[pa.ipc.RecordBatchStreamReader]:
     """One Arrow stream file of the folder, or one line saying why it cannot be read."""
     with table_errors(path, "Arrow stream", "is the save_to_disk folder complete?"):
-        handle = open_read(path.url, path.options) if isinstance(path, RemotePath) else pa.memory_map(str(path))
+        handle = open_read(path.url, path.options) if isinstance(path, RemotePath) else open_regular(path)
         with handle, pa.ipc.open_stream(handle) as stream:
             yield stream

@@ -8,6 +8,7 @@ from typing import Iterator
 
 import pyarrow.parquet as pq
 
+from ..sourcefiles import open_regular
 from ..storage import RemotePath
 from .base import Location, Record, SourceSpec
 from .columns import find_image_column, hf_features, table_errors, table_records
@@ -20,9 +21,9 @@ _BATCH_ROWS = 1024
 def open_parquet(path: Location) -> Iterator[pq.ParquetFile]:
     """A ParquetFile, or one line saying why ``path`` is not a readable one."""
     with table_errors(path, "Parquet file", "check the file or remove it from SOURCE"):
-        handle = path.open("rb") if isinstance(path, RemotePath) else None
-        with contextlib.closing(handle) if handle is not None else contextlib.nullcontext():
-            yield pq.ParquetFile(handle if handle is not None else str(path))
+        handle = path.open("rb") if isinstance(path, RemotePath) else open_regular(path)
+        with handle:
+            yield pq.ParquetFile(handle)
 
 
 def iter_records(spec: SourceSpec, caption_fields: tuple[str, ...]) -> Iterator[Record]:
@@ -33,7 +34,7 @@ def iter_records(spec: SourceSpec, caption_fields: tuple[str, ...]) -> Iterator[
             image = find_image_column(schema, spec.image_column, hf_features(schema), path.name)
             root = spec.image_root or path.parent
             for record in table_records(parquet.iter_batches(batch_size=_BATCH_ROWS), image, path.name, root,
-                                        caption_fields, index):
+                                        caption_fields, index, spec.max_image_bytes):
                 yield record
             index += parquet.metadata.num_rows
 

@@ -14,9 +14,7 @@ from __future__ import annotations
 import gzip
 import json
 import lzma
-import os
 import re
-import stat
 import tarfile
 import zlib
 from dataclasses import dataclass, field
@@ -24,17 +22,19 @@ from typing import Any, Iterator
 
 from ..errors import SourceError
 from ..images import SourceUnavailable
+from ..sourcefiles import FILE_TOO_LARGE, SourceFileSkip, open_regular, too_large
 from ..storage import RemotePath, open_read
-from .base import (DAMAGED_SHARD, IMAGE_EXTENSIONS, INVALID_METADATA, Location, Record, SourceSpec, nested_too_deep,
+from .base import (CAPTION_LIMIT, CAPTION_MAX_BYTES, DAMAGED_SHARD, IMAGE_EXTENSIONS, INVALID_METADATA, Location, Record,
+                   SourceSpec, nested_too_deep,
                    too_deep_problem)
 
 # webdataset's split of a member name into key and extension: the key ends at the basename's first dot.
 _KEY_AND_EXTENSION = re.compile(r"^((?:.*/|)[^./][^./]*)\.([^/]*)$")
 _IMAGE_EXTENSIONS = {ext.lstrip(".") for ext in IMAGE_EXTENSIONS}
 # Nothing in a shard is trusted: members larger than these are not read.
-MAX_IMAGE_MEMBER_BYTES = 256 * 2**20
-MAX_TEXT_MEMBER_BYTES = 16 * 2**20
-OVERSIZED_MEMBER = "oversized_member"
+# (An image member is bounded by --max-image-bytes, a caption member as a caption file is.)
+MAX_JSON_MEMBER_BYTES = 16 * 2**20
+_JSON_LIMIT = f"json members are read up to {MAX_JSON_MEMBER_BYTES} bytes"
 
 
 @dataclass
@@ -48,7 +48,7 @@ def iter_records(spec: SourceSpec, caption_fields: tuple[str, ...]) -> Iterator[
     index = 0
     names = shard_names(spec.files)
     for shard, name in zip(spec.files, names):
-        for sample in _samples(shard, name, caption_fields):
+        for sample in _samples(shard, name, caption_fields, spec.max_image_bytes):
             yield _record(sample, index, name, caption_fields)
             index += 1
 
@@ -60,20 +60,25 @@ def shard_names(files: tuple[Location, ...]) -> list[str]:
     return names if len(set(names)) == len(names) else [str(f) for f in files]
 
 
-def _wanted(extension: str, caption_fields: tuple[str, ...]) -> int | None:
-    """The size limit of a member worth reading, or None for members no record uses."""
+def _bound(extension: str, caption_fields: tuple[str, ...], max_image_bytes: int) -> tuple[int, str] | None:
+    """The most bytes a member worth reading may hold, with the option or rule that says so; None
+    for members no record uses (they are skipped unread)."""
     last = extension.rsplit(".", 1)[-1].lower()
     if last in _IMAGE_EXTENSIONS:
-        return MAX_IMAGE_MEMBER_BYTES
-    if last == "json" or extension in caption_fields or last in caption_fields:
-        return MAX_TEXT_MEMBER_BYTES
+        return max_image_bytes, "--max-image-bytes"
+    if last == "json":
+        return MAX_JSON_MEMBER_BYTES, _JSON_LIMIT
+    if extension in caption_fields or last in caption_fields:
+        return CAPTION_MAX_BYTES, CAPTION_LIMIT
     return None
 
 
-def _samples(shard: Location, name: str, caption_fields: tuple[str, ...]) -> Iterator[_Sample]:
+def _samples(shard: Location, name: str, caption_fields: tuple[str, ...], max_image_bytes: int) -> Iterator[_Sample]:
     remote = isinstance(shard, RemotePath)
     try:
-        handle = open_read(shard.url, shard.options) if remote else _open_local(shard)
+        handle = open_read(shard.url, shard.options) if remote else open_regular(shard)
+    except SourceFileSkip as exc:
+        raise SourceError(f"shard {exc.detail}; list tar files only") from None
     except FileNotFoundError:
         if remote:
             raise SourceUnavailable(f"shard {shard} does not exist") from None
@@ -99,12 +104,12 @@ def _samples(shard: Location, name: str, caption_fields: tuple[str, ...]) -> Ite
                             read += 1
                             yield current
                         current = _Sample(key)
-                    limit = _wanted(extension, caption_fields)
-                    if limit is None:
+                    bound = _bound(extension, caption_fields, max_image_bytes)
+                    if bound is None:
                         continue
-                    if info.size > limit:
-                        current.problem = (OVERSIZED_MEMBER, f"{name}: member {info.name} has {info.size} bytes, "
-                                                             f"over the limit of {limit}")
+                    if info.size > bound[0]:  # refused by its header, before a byte of it is read
+                        refusal = too_large(f"{name}/{info.name}", f"{info.size} bytes", *bound)
+                        current.problem = (FILE_TOO_LARGE, refusal.detail)
                     elif extension in current.members:
                         current.problem = (DAMAGED_SHARD, f"{name}: member {info.name} appears twice in one sample")
                     else:
@@ -125,18 +130,6 @@ def _samples(shard: Location, name: str, caption_fields: tuple[str, ...]) -> Ite
     if current is not None:
         yield current
 
-
-def _open_local(shard: Location):
-    """A local shard, opened only if it is a regular file (a FIFO would block the build forever)."""
-    fd = os.open(shard, os.O_RDONLY | os.O_NONBLOCK)
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise SourceError(f"shard {shard} is not a regular file; list tar files only")
-        os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
 
 
 def _record(sample: _Sample, index: int, shard_name: str, caption_fields: tuple[str, ...]) -> Record:

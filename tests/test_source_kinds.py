@@ -325,6 +325,27 @@ def test_bad_filter_is_one_line_naming_the_place(tmp_path, expression, message):
     assert len(result.output.strip().splitlines()) == 1
 
 
+def test_an_output_begun_before_the_record_options_existed_resumes(tmp_path, toy_build, toy_dataset, make_config,
+                                                                   encoders):
+    """A manifest and plan that do not record options added since count them as their defaults."""
+    import hashlib
+    import shutil
+
+    output = tmp_path / "out"
+    shutil.copytree(toy_build, output)
+    added = ("image_column", "filters", "min_image_size", "dedup", "max_image_bytes", "follow_symlinks_outside_root")
+    manifest = json.loads((output / "manifest.json").read_text())
+    plan = json.loads((output / "plan.json").read_text())["plan"]
+    for config in (manifest["config"], plan["config"]):
+        for name in added:
+            config.pop(name, None)
+    (output / "manifest.json").write_text(json.dumps(manifest))
+    body = json.dumps(plan, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    (output / "plan.json").write_text(f'{{"sha256":"{hashlib.sha256(body.encode()).hexdigest()}","plan":{body}}}\n')
+    summary = build(str(toy_dataset), output, make_config(), encoders=encoders)
+    assert summary.shards_reused == summary.shards > 0 and summary.written_this_run == 0
+
+
 def _duplicated_parquet(tmp_path: Path) -> Path:
     """Rows 2 and 5 repeat row 0's image; row 3 repeats row 1's, whose first copy has no caption."""
     keys = ["000000000", "000000001", "000000000", "000000001", "000000002", "000000000", "000000003"]

@@ -48,10 +48,10 @@ def plan_rate(source: str, image_root: str | None, options: dict, encoders, work
     for _ in range(repeats):
         output = work / "plan-out"
         shutil.rmtree(output, ignore_errors=True)
-        job = BuildJob(source, output, BuildConfig(**options, image_root=image_root), encoders=encoders)
-        start = time.perf_counter()
-        plan = job.prepare_plan()
-        best = min(best, time.perf_counter() - start)
+        with BuildJob(source, output, BuildConfig(**options, image_root=image_root), encoders=encoders) as job:
+            start = time.perf_counter()
+            plan = job.prepare_plan()
+            best = min(best, time.perf_counter() - start)
     return plan.source["records"] / best
 
 

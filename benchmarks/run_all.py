@@ -16,7 +16,8 @@ datasets (benchmarks/synth.py):
 4. read throughput of shardkit.reader, of PixArt-style per-file reading, and of raw tar bytes;
 5. peak RSS of `shardkit build` at N and 10 N samples;
 6. stage micro-benchmarks (decode/resize vs the exact reference transform, tar writing);
-7. the FLOP floor of the full-size encoders (computed on the meta device, not measured).
+7. the FLOP floor of the full-size encoders (computed on the meta device, not measured);
+8. planning alone at scale: synthetic Parquet sources of 100k and 1M records.
 
 The machine is shared with other work: every comparison interleaves its two sides and keeps
 the best of ``--repeats`` runs, and each table records the load average seen while it ran.
@@ -45,7 +46,7 @@ from procmon import run_with_peak  # noqa: E402
 FULL_HIDDEN = 4096  # T5-XXL
 FULL_LATENT_CHANNELS = 4  # SDXL VAE
 MAX_LENGTH = 300
-SECTIONS = ("build", "host", "bytes", "read", "memory", "stages", "plan", "verify", "flops", "gpu")
+SECTIONS = ("build", "host", "bytes", "read", "memory", "stages", "plan", "scale", "verify", "flops", "gpu")
 
 
 def _parse() -> argparse.Namespace:
@@ -65,6 +66,8 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--only", nargs="+", choices=SECTIONS, default=None,
                         help="run these sections only (bytes and read reuse the builds in --workdir when there)")
     parser.add_argument("--skip-memory", action="store_true", help="skip the N / 10 N peak-RSS builds")
+    parser.add_argument("--scale-records", type=int, nargs="+", default=[100_000, 1_000_000],
+                        help="records of the synthetic Parquet sources the scale section plans")
     parser.add_argument("--memory-env", action="append", default=[], metavar="NAME=VALUE",
                         help="environment for the peak-RSS builds, e.g. MALLOC_MMAP_THRESHOLD_=4194304 (repeatable)")
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="datasets and build outputs")
@@ -627,6 +630,27 @@ def section_plan(ctx: Context) -> None:
              "The server runs in the benchmark's process on the same 2 cores, so the threaded rates are bounded by "
              "this machine's CPU as much as by the lookups.\n")
     report.add("plan", text, result)
+
+
+def section_scale(ctx: Context) -> None:
+    """Planning alone at scale: synthetic img2dataset-style Parquet of 100k and 1M records
+    (--no-images, encoders stubbed, nothing decoded or encoded): records/s and peak RSS."""
+    args, report = ctx.args, ctx.report
+    options = dict(ctx.options, keep_images=False, captions=["caption"])
+    runs, rows = {}, []
+    for records in args.scale_records:
+        run = run_task("plan_parquet", {"records": records, "work": str(ctx.work / "parquet"), "config": options},
+                       timeout=6 * 3600)
+        runs[str(records)] = run
+        rows.append([f"{records:,}", f"{run['source_bytes'] / 2**20:.0f}", run["records_per_s"],
+                     1e6 * run["cpu_self_s"] / records, run["rss_before_mib"], run["peak_rss_mib"],
+                     run["peak_rss_mib"] - run["rss_before_mib"], run["index_mib"],
+                     run["rss_after_trim_mib"] - run["rss_before_mib"], run["plans"], run["plan_bytes"] / 2**20])
+    text = table(f"Planning a Parquet source at scale ({args.resolution}-px buckets, --no-images, encoders stubbed, "
+                 f"one process)", ["records", "Parquet MiB", "records/s", "CPU µs/record", "RSS before planning (MiB)",
+                                   "peak RSS (MiB)", "growth while planning (MiB)", "digest tables (MiB)",
+                                   "growth left after malloc_trim (MiB)", "shard plans", "plan.json (MiB)"], rows)
+    report.add("scale", text, runs)
 
 
 def section_verify(ctx: Context) -> None:

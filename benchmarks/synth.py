@@ -16,6 +16,7 @@ the dataset of 10 N, and a dataset already on disk is reused.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import os
@@ -170,6 +171,53 @@ def make_dataset(spec: DatasetSpec, parent: Path, tokenizer_dir: Path, progress:
     temp.write_text(json.dumps(items, indent=1), encoding="utf-8")
     os.replace(temp, info_path)  # the json appears last: its presence means the dataset is whole
     return root
+
+
+# LAION-style Parquet for the planning benchmark: this many distinct small JPEGs (aspect ratios
+# spread over the buckets) recur down the rows, so a million rows stay a small file.
+_PARQUET_IMAGES = 64
+_PARQUET_ROW_GROUP = 10_000
+
+
+def make_parquet(n: int, parent: Path, seed: int = 0) -> Path:
+    """img2dataset-style Parquet of ``n`` rows (key, jpg bytes, caption, url, aesthetic, pwatermark),
+    written one row group at a time; reused when already there."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from shardkit.buckets import aspect_table
+
+    path = parent / f"laion-v{GENERATOR_VERSION}-s{seed}-n{n}.parquet"
+    if path.is_file():
+        return path
+    parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    ratios = sorted(float(k) for k in aspect_table(512))
+    jpegs = []
+    for i in range(_PARQUET_IMAGES):
+        height, width = _size(rng, ratios[i * len(ratios) // _PARQUET_IMAGES], 256)
+        out = io.BytesIO()
+        Image.new("RGB", (width, height), tuple(int(c) for c in rng.integers(0, 256, 3))).save(out, "JPEG")
+        jpegs.append(out.getvalue())
+    words = ("a photo of the red blue small large old new dog cat house tree river city street car person "
+             "painting drawing sunset mountain beach forest night morning portrait view").split()
+    temp = path.with_suffix(".tmp")
+    with pq.ParquetWriter(temp, pa.schema([("key", pa.string()), ("jpg", pa.binary()), ("caption", pa.string()),
+                                            ("url", pa.string()), ("aesthetic", pa.float64()),
+                                            ("pwatermark", pa.float64())])) as writer:
+        for start in range(0, n, _PARQUET_ROW_GROUP):
+            rows = range(start, min(n, start + _PARQUET_ROW_GROUP))
+            lengths = rng.integers(5, 30, len(rows))
+            writer.write_table(pa.table({
+                "key": [f"{i:09d}" for i in rows],
+                "jpg": pa.array([jpegs[i % _PARQUET_IMAGES] for i in rows], pa.binary()),
+                "caption": [" ".join(rng.choice(words, length)) for length in lengths],
+                "url": [f"https://example.com/images/{i}.jpg" for i in rows],
+                "aesthetic": rng.uniform(3, 8, len(rows)),
+                "pwatermark": rng.uniform(0, 1, len(rows)),
+            }))
+    os.replace(temp, path)
+    return path
 
 
 def describe(root: Path) -> dict:

@@ -705,6 +705,60 @@ def task_plan_remote(args: dict) -> dict:
     return {"latency_ms": args["latency_ms"], "runs": results}
 
 
+def task_plan_parquet(args: dict) -> dict:
+    """Planning alone (no decode, no encoding) of a synthetic Parquet source, as a build plans before
+    writing plan.json: records/s, and the process's peak RSS against its RSS once the (stubbed)
+    encoders are loaded."""
+    import resource
+
+    from shardkit.build import caption_window_size
+    from shardkit.buckets import BucketTable
+    from shardkit.plan import Planner
+    from shardkit.planfile import Batching, make_plan
+    from shardkit.sources import iter_records, resolve_source
+    from synth import make_parquet
+
+    source = make_parquet(args["records"], Path(args["work"]))
+    config, encoders = _load(args["config"])
+    _stub_encoders(encoders)
+    before = _rss()
+    planner = Planner(config, BucketTable(config.resolution), encoders.t5.tokenize, encoders.vae.feature_shape,
+                      encoders.t5.hidden_size)
+    identities = {"vae": encoders.vae.identity.content_json(), "t5": encoders.t5.identity.content_json()}
+    batching = Batching(vae_batch=config.batch_size, caption_window=caption_window_size(config),
+                        t5_batch=config.t5_batch_size)
+    start = CpuClock.now()
+    plan = make_plan(iter_records(resolve_source(str(source)), config.captions), planner, config.content_fields(),
+                     identities, batching)
+    result = CpuClock.now().since(start)
+    after = _rss()
+    _malloc_trim()  # what the C heap keeps beyond live objects (fragmentation) is handed back
+    result.update(records=planner.stats.records_read, planned=sum(len(s.records) for s in plan.shards),
+                  skipped=len(planner.stats.skips), plans=len(plan.shards), plan_bytes=len(plan.to_bytes()),
+                  records_per_s=planner.stats.records_read / result["wall_s"], rss_before_mib=before / 2**20,
+                  peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10,
+                  rss_after_mib=after / 2**20, rss_after_trim_mib=_rss() / 2**20,
+                  index_mib=planner.index_bytes / 2**20, source_bytes=source.stat().st_size)
+    return result
+
+
+def _malloc_trim() -> None:
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):
+        pass  # not glibc: the row then shows the heap as it is
+
+
+def _rss() -> int:
+    import os
+
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def task_verify(args: dict) -> dict:
     """`inspect --verify` of a build with 1 and more shards at a time: from local disk, and served
     over HTTP with ``latency_ms`` before each answer (object storage)."""

@@ -44,7 +44,8 @@ from .index import INDEX_FILES
 from .ledger import DONE_DIR, Ledger, record_empty, record_shard
 from .lookahead import bounded_map
 from .manifest import MANIFEST_NAME, Manifest, ShardEntry, read_manifest_at
-from .plan import PlannedRecord, Planner, ShardPlan, Skip, check_caption_fields
+from .outputlock import LOCK_FILE, lock_worker, planning
+from .plan import PlannedRecord, Planner, ReadLimits, ShardPlan, Skip, check_caption_fields
 from .planfile import PLAN_NAME, Batching, BuildPlan, describe_source, gather_shards, make_plan, read_plan
 from .shards import Sample, ShardWriter, WrittenShard, remove_partial_shards
 from .sources import iter_records, resolve_source
@@ -133,11 +134,16 @@ DecodedRecord = tuple[tuple[ShardPlan, PlannedRecord], DecodeResult]
 def decode_jobs(shards: Iterable[ShardPlan], config: BuildConfig,
                 lanczos: bool) -> Iterator[tuple[tuple[ShardPlan, PlannedRecord], DecodeJob]]:
     """Every record of the shards, in shard order, as a decode job tagged with its shard and plan."""
+    limits = ReadLimits.of(config)
     for plan in shards:
         for planned in plan.records:
-            yield (plan, planned), DecodeJob(path=planned.record.location, bucket=plan.bucket,
-                                             resize_mode=config.resize_mode, max_pixels=config.max_image_pixels,
-                                             expected_hw=planned.expected_hw, lanczos=lanczos)
+            record = planned.record
+            job = DecodeJob(path=record.path if record.embedded else record.location, bucket=plan.bucket,
+                            resize_mode=config.resize_mode, max_pixels=limits.max_pixels,
+                            expected_hw=planned.expected_hw, lanczos=lanczos, max_bytes=limits.max_bytes,
+                            root=limits.root_of(record), data=record.image_bytes)
+            record.image_bytes = None  # the job holds them now: a shard's records need not keep every image
+            yield (plan, planned), job
 
 
 class ShardExecutor:
@@ -311,6 +317,9 @@ class ShardExecutor:
             metadata["micro_conditioning"] = {
                 "original_size": list(image.original_hw), "crop_coords_top_left": [image.crop_top, image.crop_left],
                 "target_size": [plan.bucket.height, plan.bucket.width]}
+        source = planned.source_metadata  # declared in the manifest by the plan
+        if source:
+            metadata["source"] = source
         members = [("json", json_bytes(metadata)), ("txt", planned.captions[primary].encode("utf-8"))]
         if self.config.keep_images:
             members.append((image.extension, image.image_bytes))
@@ -367,20 +376,31 @@ class BuildJob:
         announce = announce or (lambda line: None)
         self.storage = Storage.for_url(output, storage_options_for(output, config.endpoint_url, storage_options))
         self.output = self.storage.location
-        self.spec = resolve_source(source, config.image_root, _source_options(source, config, storage_options))
+        self.spec = resolve_source(source, config.image_root, _source_options(source, config, storage_options),
+                                   config.image_column, config.image_byte_limit())
         self.table = bucket_table(config)
         # Every mistake in the options is found before the encoders load (seconds to minutes) and
-        # before OUTPUT is created or changed.
-        check_caption_fields(iter_records(self.spec, config.captions), config.captions, self.spec.describe())
-        previous = self._check_output(overwrite)
-        if encoders is not None:
-            check_encoders_match(encoders, config)
-        else:
-            announce(f"loading encoders: {_encoders_named(config)} ...")
-            encoders = load_encoders(config, device or select_cuda_device(config.device, self.ranks))
-        self.encoders = encoders
-        self._prepare_output(overwrite)
-        self.header = self._open_manifest(previous)
+        # before OUTPUT is changed. One build at a time: this worker's lock comes first, so a second
+        # build stops before it reads OUTPUT or loads an encoder; a folder made only to hold the
+        # lock is removed again when this build stops before it starts.
+        check_caption_fields(self.records(), config.captions, self.spec.describe())
+        made_folder = _first_missing_folder(self.storage)
+        self.storage.prepare()
+        self.lock = lock_worker(self.storage, self.ranks)
+        try:
+            previous = self._check_output(overwrite)
+            if encoders is not None:
+                check_encoders_match(encoders, config)
+            else:
+                announce(f"loading encoders: {_encoders_named(config)} ...")
+                encoders = load_encoders(config, device or select_cuda_device(config.device, self.ranks))
+            self.encoders = encoders
+            self._prepare_output(overwrite)
+            self.header = self._open_manifest(previous)
+        except BaseException:
+            self.lock.release()
+            _remove_empty_folders(self.storage, made_folder)
+            raise
         self.previous = previous
         self.plan: BuildPlan | None = None
         self.shards_reused = 0
@@ -395,32 +415,40 @@ class BuildJob:
         return (f"resuming {self.output}: {len(shards)} shards ({sum(s['samples'] for s in shards)} samples) kept "
                 f"from an earlier run; encoding the rest")
 
+    def records(self):
+        """SOURCE's records, read afresh."""
+        return iter_records(self.spec, self.config.captions, self.config.follow_symlinks_outside_root)
+
+    def close(self) -> None:
+        """Release OUTPUT for the next build (this worker's lock); the job is not run after this."""
+        self.lock.release()
+
+    def __enter__(self) -> "BuildJob":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
     # ---- OUTPUT handling -----------------------------------------------------------------
     def _check_output(self, overwrite: bool) -> Manifest | None:
-        """Whether OUTPUT can take this build, changing nothing; the earlier build's manifest to resume."""
+        """Whether OUTPUT (prepared, and locked by this worker) can take this build, changing nothing;
+        the earlier build's manifest to resume."""
         storage = self.storage
         if overwrite and self.ranks.distributed and not _rendezvous_expected():
             raise ShardkitError("--overwrite with several processes needs their rendezvous (MASTER_ADDR/MASTER_PORT, "
                                 "as torchrun sets) so that rank 0 deletes before anyone writes; delete OUTPUT "
                                 "first instead")
-        if storage.is_local:
-            if storage.root.exists() and not storage.root.is_dir():
-                raise ShardkitError(f"OUTPUT {storage.root} is a file; pass a folder path")
-            if not storage.root.exists():
-                return None
-        else:
-            storage.prepare()  # object storage: checks the bucket, creates nothing
         names = storage.listdir("")
         if not any(name in (MANIFEST_NAME, PLAN_NAME) for name in names):
             foreign = [name for name in names if name not in ("shards", DONE_DIR, EMPTY_CAPTION_FOLDER)
-                       and not _BUILD_FILE.match(name)]
+                       and not _BUILD_FILE.match(name) and not LOCK_FILE.match(name)]
             if foreign:
                 raise ShardkitError(f"OUTPUT {self.output} is not empty and holds no shardkit manifest "
                                     f"(found {', '.join(sorted(foreign)[:3])}); choose an empty folder")
         if overwrite or MANIFEST_NAME not in names:
             return None
         previous = read_manifest_at(storage, MANIFEST_NAME)
-        old = {k: v for k, v in previous.config.items() if k not in BuildConfig.RUNTIME_FIELDS}
+        old = BuildConfig.recorded_content(previous.config)
         new = self.config.content_fields()
         changed = [f"{k} {_option_value(old.get(k))} -> {_option_value(new.get(k))}"
                    for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
@@ -431,7 +459,6 @@ class BuildJob:
 
     def _prepare_output(self, overwrite: bool) -> None:
         storage = self.storage
-        storage.prepare()
         if overwrite and self.ranks.rank == 0:
             self._start_over()  # the others wait for rank 0 at the plan (RankGroup.vote)
         if storage.is_local and self._cleans_up():
@@ -483,25 +510,33 @@ class BuildJob:
         if group is not None and self.ranks.rank != 0:
             if not group.vote(True):
                 raise ShardkitError(f"{self.ranks.describe()}: rank 0 could not prepare the plan (see its error)")
+            plan = self._read_or_make_plan(rendezvous=True)  # rank 0 planned: only checked here
+        else:
+            with planning(self.storage, self.lock.launch):
+                plan = self._read_or_make_plan(rendezvous=group is not None)
+        if group is not None and self.ranks.rank == 0 and not group.vote(True):
+            raise ShardkitError(f"{self.ranks.describe()}: another rank failed before the build began (see its error)")
+        self.plan = plan
+        return plan
+
+    def _read_or_make_plan(self, rendezvous: bool) -> BuildPlan:
         plan = read_plan(self.storage)
         if plan is not None:
-            # One pass over SOURCE's metadata (no image is opened): the plan must be of this source.
-            expected = self._new_plan(describe_source(iter_records(self.spec, self.config.captions)), [], [])
+            plan.config = BuildConfig.recorded_content(plan.config)
+            # One pass over SOURCE (no image looked up or decoded): the plan must be of this source.
+            expected = self._new_plan(describe_source(self.records()), [], [])
             refusal = plan.refusal(expected, self.storage.url_of(PLAN_NAME), self.spec.describe())
             if refusal is not None:
                 raise ShardkitError(refusal)
         # Before the plan: a plan in OUTPUT means its empty caption was stored by the same encoders.
-        self.header.sample_format = self._with_empty_caption(plan is not None, group is not None).as_json()
+        self.header.sample_format = self._with_empty_caption(plan is not None, rendezvous).as_json()
         if plan is None:
             start = time.perf_counter()
-            plan = make_plan(iter_records(self.spec, self.config.captions), self._planner(lookup_threads=True),
+            plan = make_plan(self.records(), self._planner(lookup_threads=True),
                              self.config.content_fields(), self._encoder_identities(), self._batching())
             log.info("planned %d records into %d shards in %.1fs", plan.source["records"], len(plan.shards),
                      time.perf_counter() - start)
             self.storage.write_atomic(PLAN_NAME, plan.to_bytes())
-        if group is not None and self.ranks.rank == 0 and not group.vote(True):
-            raise ShardkitError(f"{self.ranks.describe()}: another rank failed before the build began (see its error)")
-        self.plan = plan
         return plan
 
     def _with_empty_caption(self, planned: bool, rendezvous: bool) -> SampleFormat:
@@ -597,7 +632,7 @@ class BuildJob:
 
     def shards_of(self, positions: list[int]) -> Iterator[ShardPlan]:
         """The shards at ``positions``, their records read again from SOURCE."""
-        return gather_shards(iter_records(self.spec, self.config.captions), self.plan, positions, self.table,
+        return gather_shards(self.records(), self.plan, positions, self.table,
                              self._planner().replan)
 
     # ---- the pipeline --------------------------------------------------------------------
@@ -693,6 +728,31 @@ def caption_window_size(config: BuildConfig) -> int:
     return max(config.batch_size, _CAPTION_WINDOW_T5_BATCHES * config.t5_batch_size // len(config.captions))
 
 
+def _first_missing_folder(storage: Storage) -> Path | None:
+    """The outermost folder of a local OUTPUT that does not exist yet; None when there is none."""
+    if not storage.is_local:
+        return None  # object storage has no folders to make: the lock object is all there is
+    missing, folder = None, storage.root.absolute()
+    while not folder.exists() and not folder.is_symlink():
+        missing, folder = folder, folder.parent
+    return missing
+
+
+def _remove_empty_folders(storage: Storage, top: Path | None) -> None:
+    """Remove the folders made for OUTPUT, from OUTPUT up to ``top``, as long as they are empty."""
+    if top is None:
+        return
+    folder = storage.root.absolute()
+    while True:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+        if folder == top:
+            return
+        folder = folder.parent
+
+
 def build(source: str, output: str | Path, config: BuildConfig, overwrite: bool = False,
           progress: Callable[[int], None] | None = None, encoders: Encoders | None = None,
           storage_options: dict | None = None, ranks: RankInfo | None = None) -> BuildSummary:
@@ -704,8 +764,8 @@ def build(source: str, output: str | Path, config: BuildConfig, overwrite: bool 
     resumed with any number of processes.
     """
     ranks = ranks or RankInfo()
-    with joined_ranks(ranks) as group:
-        job = BuildJob(str(source), output, config, overwrite, encoders, storage_options, ranks)
+    with joined_ranks(ranks) as group, BuildJob(str(source), output, config, overwrite, encoders, storage_options,
+                                                 ranks) as job:
         summary = job.run(progress or (lambda n: None), group)
         summary.merged = finish_ranks(job.ledger(), ranks, group)
     return summary

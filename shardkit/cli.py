@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -66,7 +67,21 @@ def _csv(_ctx, _param, value):
 @click.option("--store-dtype", type=click.Choice(STORE_DTYPES), default=None, help="dtype of stored latents and T5 features. [default: fp16]")
 @click.option("--max-image-pixels", type=int, default=None,
               help="Skip images with more pixels than this (decompression bombs). [default: 89478485]")
-@click.option("--image-root", default=None, help="Folder that image paths are relative to (JSONL sources; overrides the layout's default).")
+@click.option("--max-image-bytes", type=click.IntRange(min=1), default=None,
+              help="Skip image files (and tar members, Parquet cells) larger than this many bytes. [default: 8 bytes per pixel of --max-image-pixels + 1 MiB]")
+@click.option("--image-root", default=None,
+              help="Folder that image paths are relative to (JSONL and path columns of Parquet sources; overrides the layout's default).")
+@click.option("--follow-symlinks-outside-root", is_flag=True, default=None,
+              help="Read images through symbolic links that lead out of the image root (symlink farms); "
+                   "otherwise such records are skipped as path_outside_root.")
+@click.option("--image-column", default=None,
+              help="Parquet / save_to_disk sources: the column holding image bytes, an {bytes, path} struct or a path. [default: found from the schema]")
+@click.option("--filter", "filters", multiple=True,
+              help="Keep records whose source metadata satisfies this expression, e.g. \"pwatermark < 0.5\" or "
+                   "\"aesthetic >= 5 and punsafe < 0.1\"; repeat to require several. A record lacking a field fails.")
+@click.option("--min-image-size", type=int, default=None, help="Skip images whose shorter side is under this many pixels. [default: 0, keep all]")
+@click.option("--dedup/--no-dedup", default=None,
+              help="Skip records whose image bytes equal an earlier record's (as duplicate_image). [default: off]")
 @click.option("--vae", default=None, help="VAE: Hugging Face id or local folder. [default: madebyollin/sdxl-vae-fp16-fix]")
 @click.option("--vae-subfolder", default=None, help="Subfolder of --vae holding the VAE (e.g. 'vae' in a pipeline repository).")
 @click.option("--t5", default=None,
@@ -106,16 +121,18 @@ def _csv(_ctx, _param, value):
 @click.option("--ray-gpus-per-actor", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
               help="GPUs per encoder actor; 0.5 puts two actors on each GPU.")
 @_user_errors
-def build(source, output, preset, overwrite, resolution, storage_options, engine, ray_address, ray_actors,
+def build(source, output, preset, overwrite, resolution, storage_options, filters, engine, ray_address, ray_actors,
           ray_gpus_per_actor, **options):
     """Encode SOURCE into aspect-bucketed shards in OUTPUT.
 
     SOURCE is a PixArt-Σ dataset folder (InternImgs/ + InternData/data_info.json), its InternData
-    folder or json file, a .jsonl file with the same fields, or a folder of images with same-stem
-    .txt captions. SOURCE and OUTPUT may be s3:// URLs. Running the same command again on an
-    unfinished OUTPUT resumes it, with any number of processes. Under torchrun (or srun) each
-    rank writes its share of the plan's shards; --engine ray runs the plan on a Ray cluster; see
-    docs/scale-out.md.
+    folder or json file, a .jsonl file with the same fields, a folder of images with same-stem
+    .txt captions, WebDataset tar shards (img2dataset's output folder, a .tar, a brace pattern like
+    'data/{00000..00127}.tar' or a .txt list of shards), Parquet files (a file, folder or glob) or
+    a folder written by datasets' save_to_disk. SOURCE and OUTPUT may be s3:// URLs (SOURCE also
+    http(s)://). Running the same command again on an unfinished OUTPUT resumes it, with any
+    number of processes. Under torchrun (or srun) each rank writes its share of the plan's
+    shards; --engine ray runs the plan on a Ray cluster; see docs/scale-out.md.
     """
     from .build import BuildJob
     from .distributed import discover_ranks, finish_ranks, joined_ranks
@@ -123,7 +140,10 @@ def build(source, output, preset, overwrite, resolution, storage_options, engine
     from .storage import parse_storage_options
 
     fs_options = parse_storage_options(storage_options)
-    config = make_config(preset, resolution=int(resolution) if resolution else None, **options)
+    config = make_config(preset, resolution=int(resolution) if resolution else None, filters=filters or None, **options)
+    # torchrun, Slurm and schedulers stop workers with SIGTERM: unwind as on Ctrl-C, so that the
+    # build's locks are deleted and OUTPUT is left resumable.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     if engine == "ray":
         from .ray_engine import RayOptions, build_on_ray
 
@@ -139,9 +159,8 @@ def build(source, output, preset, overwrite, resolution, storage_options, engine
     show_progress = config.progress and ranks.rank == 0  # one bar per launch, not one per rank
     # Status lines fill the seconds before the bar, at a terminal (as the bar itself).
     announce = functools.partial(click.echo, err=True) if show_progress and sys.stderr.isatty() else None
-    with joined_ranks(ranks) as group:
-        job = BuildJob(source, output, config, overwrite=overwrite, storage_options=fs_options, ranks=ranks,
-                       announce=announce)
+    with joined_ranks(ranks) as group, BuildJob(source, output, config, overwrite=overwrite, storage_options=fs_options,
+                                                 ranks=ranks, announce=announce) as job:
         job.prepare_plan(group)
         note = job.resume_note(job.ledger())
         if note and ranks.rank == 0:
@@ -159,6 +178,10 @@ def build(source, output, preset, overwrite, resolution, storage_options, engine
         else:
             click.echo(f"{ranks.describe()}: done ({summary.shards_written} shards); other processes still write the "
                        f"rest: whichever finishes last writes the complete manifest.json")
+
+
+def _exit_on_signal(signum, _frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _refuse_empty(summary) -> None:

@@ -17,6 +17,8 @@ import numpy as np
 
 from .buckets import RESOLUTIONS
 from .errors import ConfigError
+from .format import DEFAULT_MAX_IMAGE_PIXELS, image_bound
+from .filters import parse_filter
 
 try:
     import tomllib
@@ -33,8 +35,6 @@ TINY_MODELS_HOME = "~/.cache/shardkit/tiny-models"
 PATH_FIELDS = ("vae", "t5", "pipeline", "image_root", "staging_dir")
 # Options of the PixArt-Σ encoder pair; a --pipeline build takes its encoders from the pipeline instead.
 ENCODER_PAIR_FIELDS = ("vae", "vae_subfolder", "t5", "max_length")
-# PIL's own decompression-bomb threshold; larger images are skipped, not decoded.
-DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
 
 RESIZE_MODES = ("crop", "stretch")
 DEVICES = ("auto", "cpu", "cuda")
@@ -59,7 +59,16 @@ class BuildConfig:
     keep_images: bool = True
     store_dtype: str = "fp16"
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    max_image_bytes: int | None = None  # None: derived from max_image_pixels (image_byte_limit)
     image_root: str | None = None
+    # Read images through symlinks that lead out of the image root (symlink farms); off, such
+    # records are skipped as path_outside_root.
+    follow_symlinks_outside_root: bool = False
+    image_column: str | None = None  # Parquet / save_to_disk sources: the column holding the image
+    # Which records are kept, decided while planning (each one dropped is a recorded skip).
+    filters: tuple[str, ...] = ()  # expressions over the source's metadata (shardkit/filters.py)
+    min_image_size: int = 0  # shorter side in pixels; 0 keeps every size
+    dedup: bool = False  # skip records whose image bytes equal an earlier record's
     # Encoders.
     vae: str = DEFAULT_VAE
     vae_subfolder: str | None = None
@@ -89,6 +98,7 @@ class BuildConfig:
 
     def __post_init__(self) -> None:
         self.captions = tuple(self.captions)
+        self.filters = tuple(self.filters)
         self.validate()
 
     def validate(self) -> None:
@@ -110,6 +120,11 @@ class BuildConfig:
         require(self.device in DEVICES, f"device must be one of {DEVICES}, got {self.device!r}")
         require(self.max_length >= 2, f"max_length must be >= 2, got {self.max_length}")
         require(self.max_image_pixels > 0, "max_image_pixels must be positive")
+        require(self.max_image_bytes is None or self.max_image_bytes > 0, "max_image_bytes must be positive")
+        require(self.min_image_size >= 0, f"min_image_size must be >= 0 (0 keeps every size), got {self.min_image_size}")
+        require(all(isinstance(f, str) for f in self.filters), "filters must be expressions (text)")
+        for expression in self.filters:
+            parse_filter(expression)  # a ConfigError naming the column at fault
         for name in ("batch_size", "t5_batch_size", "shard_max_count", "shard_max_bytes"):
             require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         require(self.workers >= 0, f"workers must be >= 0, got {self.workers}")
@@ -122,16 +137,29 @@ class BuildConfig:
                     "endpoint_url must not carry credentials (it is recorded in the manifest); "
                     "set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE instead")
 
+    def image_byte_limit(self) -> int:
+        """The most bytes an image file may hold: --max-image-bytes, else derived from the pixel limit."""
+        if self.max_image_bytes is not None:
+            return self.max_image_bytes
+        return image_bound(self.max_image_pixels)
+
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["captions"] = list(self.captions)
         if self.pipeline is None:
             del data["pipeline"]  # builds of the encoder pair record what they always recorded
+        data["filters"] = list(self.filters)
         return data
 
     def content_fields(self) -> dict[str, Any]:
         """The options that decide the shards' bytes: a resume must find them unchanged."""
         return {k: v for k, v in self.to_json().items() if k not in self.RUNTIME_FIELDS}
+
+    @classmethod
+    def recorded_content(cls, recorded: dict[str, Any]) -> dict[str, Any]:
+        """The content fields an earlier build recorded, options added since counting as their
+        defaults (what that build did)."""
+        return {k: v for k, v in {**cls().content_fields(), **recorded}.items() if k not in cls.RUNTIME_FIELDS}
 
     def fingerprint(self) -> str:
         blob = json.dumps(self.content_fields(), sort_keys=True).encode()

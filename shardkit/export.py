@@ -35,13 +35,14 @@ from .errors import ShardFormatError, ShardkitError
 from .format import (LATENT, METADATA, caption_mask, pad_caption_feature, parse_metadata, read_npy,
                      safe_relative_path)
 from .manifest import MANIFEST_NAME, open_shard_set
-from .storage import atomic_write_bytes
 from .verify import Finding, check_shard
 
 # What PixArt-Σ's loader replaces, in its order (InternalData.py, replace_img_ext); other
 # extensions, e.g. ".PNG" or ".tif", stay in the name.
 PIXART_IMAGE_EXTENSIONS = (".png", ".jpg", ".webp", ".jpeg", ".JPEG", ".JPG")
 CAPTION_FOLDERS = ("caption_features_new", "sharegpt4v_caption_features_new")
+# A new file or nothing: a symbolic link or a file created meanwhile is never written through.
+_NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 
 
 # Pipeline builds whose features PixArt's per-file layout holds (T5 rows, an SDXL-VAE posterior).
@@ -83,10 +84,29 @@ def _inside(root: Path, relative: str, what: str) -> Path:
     return target
 
 
-def _write_file(target: Path, write: Callable[[Any], None]) -> None:
+def _write_file(dest: Path, target: Path, write: Callable[[Any], None]) -> None:
+    """Write ``target``, a path below ``dest``, never through a symbolic link: a folder on the way
+    that is a link leading out of DEST is refused, a link (or any file) at ``target`` is replaced."""
+    real_dest = os.path.realpath(dest)
+    real_folder = os.path.realpath(target.parent)
+    if os.path.commonpath([real_dest, real_folder]) != real_dest:
+        raise ShardkitError(f"{target.parent} leads out of DEST {dest} through a symbolic link (to {real_folder}); "
+                            f"export writes only inside DEST: remove the link or choose an empty DEST")
     target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target, "wb") as fh:  # a file object: numpy would append .npy/.npz to a bare name
+    if target.is_symlink() or target.is_file():
+        target.unlink()  # the link itself, never what it points to
+    try:
+        descriptor = os.open(target, _NEW_FILE_FLAGS, 0o644)
+    except (FileExistsError, IsADirectoryError):
+        raise ShardkitError(f"{target} exists and is not a file export may replace; choose an empty DEST") from None
+    with os.fdopen(descriptor, "wb") as fh:  # a file object: numpy would append .npy/.npz to a bare name
         write(fh)
+
+
+def _write_synced(fh, payload: bytes) -> None:
+    fh.write(payload)
+    fh.flush()
+    os.fsync(fh.fileno())
 
 
 def _prepare_dest(dest: Path, overwrite: bool) -> None:
@@ -150,10 +170,11 @@ class PixArtExport:
             if check.findings:
                 _refuse(check.findings[0])
         # data_info.json last: its presence means every file it lists is written.
-        self.data_root.mkdir(parents=True, exist_ok=True)
         payload = json.dumps([entry for _, entry in sorted(entries, key=lambda e: e[0])], indent=2, ensure_ascii=False)
         summary.data_info = self.data_root / "data_info.json"
-        atomic_write_bytes(summary.data_info, (payload + "\n").encode("utf-8"))
+        temp = summary.data_info.with_name(f".{summary.data_info.name}.tmp")
+        _write_file(self.dest, temp, lambda fh: _write_synced(fh, (payload + "\n").encode("utf-8")))
+        os.replace(temp, summary.data_info)  # replaces a link there, never writes through it
         return summary
 
     def _export_sample(self, key: str, members: dict[str, bytes], names: dict[str, str],
@@ -175,7 +196,7 @@ class PixArtExport:
         names[npy_name] = path
 
         moments = read_npy(members[LATENT], f"{key}.{LATENT}")  # verified: present and well-formed
-        _write_file(_inside(self.latent_root, npy_name, "feature file"),
+        _write_file(self.dest, _inside(self.latent_root, npy_name, "feature file"),
                     lambda fh: np.save(fh, moments, allow_pickle=False))
         summary.latents += 1
 
@@ -187,14 +208,14 @@ class PixArtExport:
             feature = read_npy(members[member], f"{key}.{member}")
             padded = pad_caption_feature(feature, self.max_length)[None].astype(np.float16)
             mask = caption_mask(feature.shape[0], self.max_length, np.int16)[None]
-            _write_file(_inside(root, npz_name, "feature file"),
+            _write_file(self.dest, _inside(root, npz_name, "feature file"),
                         lambda fh: self.save_npz(fh, caption_feature=padded, attention_mask=mask))
             summary.caption_features[root.name] += 1
 
         extension = meta.get("image_ext")
         if self.images and extension and extension in members:
             payload = members[extension]
-            _write_file(_inside(self.image_root, path, "image path"), lambda fh: fh.write(payload))
+            _write_file(self.dest, _inside(self.image_root, path, "image path"), lambda fh: fh.write(payload))
             summary.images += 1
 
         entry: dict[str, Any] = {"path": path, "width": width, "height": height, "ratio": height / width,

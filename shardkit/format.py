@@ -276,8 +276,9 @@ def _field_pattern(name: str) -> re.Pattern:
 
 
 def image_bound(max_image_pixels: int) -> int:
-    """The most bytes a stored image may hold: 8 bytes per allowed pixel (16-bit RGBA, stored
-    raw) plus 1 MiB of headers; the build refuses images over ``max_image_pixels``."""
+    """The most bytes an image file may hold, at the source and in a shard: 8 bytes per allowed
+    pixel (16-bit RGBA stored uncompressed, the widest layout PIL decodes) plus 1 MiB for metadata
+    (EXIF, ICC profile, XMP); the build refuses images over ``max_image_pixels``."""
     return 8 * int(max_image_pixels) + (1 << 20)
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 import threading
 import warnings
 from dataclasses import dataclass
@@ -18,6 +17,8 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .buckets import Bucket
+from .format import image_bound
+from .sourcefiles import FILE_TOO_LARGE, SourceFileSkip, read_source_file, too_large
 from .storage import RemotePath, as_location
 
 # Reasons a record is skipped at this stage (they end up in failures.jsonl).
@@ -42,13 +43,8 @@ class SourceUnavailable(Exception):
     """The source storage could not be read (network, service): the build must stop, not skip records."""
 
 
-class ImageSkip(Exception):
-    """This record's image cannot be used; ``reason`` is one of the constants above."""
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(detail)
-        self.reason = reason
-        self.detail = detail
+class ImageSkip(SourceFileSkip):
+    """This record's image cannot be used; ``reason`` is one of the constants above or sourcefiles'."""
 
 
 @dataclass
@@ -77,6 +73,10 @@ def _reading(path: Path | RemotePath):
     """Read errors as skips of this record, or as SourceUnavailable for object storage."""
     try:
         yield
+    except ImageSkip:
+        raise
+    except SourceFileSkip as exc:  # not a regular file, outside the image root, too large
+        raise ImageSkip(exc.reason, exc.detail) from None
     except FileNotFoundError:
         raise ImageSkip(MISSING_FILE, f"{path} does not exist") from None
     except IsADirectoryError:
@@ -88,30 +88,40 @@ def _reading(path: Path | RemotePath):
         raise ImageSkip(MISSING_FILE, f"cannot read {path}: {exc.strerror or exc}") from None
 
 
-def _read_bytes(path: Path | RemotePath | str) -> bytes:
-    """The file's bytes; a URL (s3://...) or RemotePath is read through fsspec."""
-    path = as_location(path)
-    with _reading(path):
-        data = path.read_bytes()
-    if not data:
-        raise ImageSkip(EMPTY_FILE, f"{path} is empty (0 bytes)")
+def _read_bytes(path: Path | RemotePath | str, max_bytes: int, root: Path | None = None) -> bytes:
+    """The file's bytes, at most ``max_bytes`` of them (a larger file is a FILE_TOO_LARGE skip).
+
+    A local file must be a regular file whose real location lies inside ``root`` (None: anywhere);
+    a URL (s3://...) or RemotePath is read through fsspec, with one ranged GET of at most
+    ``max_bytes + 1`` bytes.
+    """
+    data, _ = _read_start(path, max_bytes + 1, False, max_bytes, root)
+    if len(data) > max_bytes:
+        raise ImageSkip(FILE_TOO_LARGE, too_large(path, f"more than {max_bytes} bytes", max_bytes).detail)
     return data
 
 
-def _read_start(path: Path | RemotePath | str, length: int, need_size: bool) -> tuple[bytes, int | None]:
+def image_file_bytes(path: Path | RemotePath | str, max_bytes: int, root: Path | None) -> bytes:
+    """The whole image file, read as for decoding (--dedup hashes it while planning)."""
+    return _read_bytes(path, max_bytes, root)
+
+
+def _read_start(path: Path | RemotePath | str, length: int, need_size: bool, max_bytes: int,
+                root: Path | None) -> tuple[bytes, int | None]:
     """At least the file's first ``length`` bytes (all of a smaller file) and its size in bytes.
 
     Without ``need_size`` the size of an object longer than ``length`` is None: object storage
-    then answers with one ranged GET and no HEAD.
+    then answers with one ranged GET and no HEAD. A file known to hold more than ``max_bytes``
+    is a FILE_TOO_LARGE skip; a local one is read as ``read_source_file`` allows.
     """
     path = as_location(path)
     with _reading(path):
         if isinstance(path, RemotePath):
             data, size = path.read_start(length, need_size)
         else:
-            with open(path, "rb") as handle:
-                size = os.fstat(handle.fileno()).st_size
-                data = handle.read(length)
+            data, size = read_source_file(path, max_bytes, root, length=length)
+    if size is not None and size > max_bytes:
+        raise ImageSkip(FILE_TOO_LARGE, too_large(path, f"{size} bytes", max_bytes).detail)
     if not data:
         raise ImageSkip(EMPTY_FILE, f"{path} is empty (0 bytes)")
     return data, size
@@ -159,21 +169,32 @@ def _oriented_size(image: Image.Image) -> tuple[int, int]:
     return image.width, image.height
 
 
-def read_header(path: Path, max_pixels: int, need_size: bool = True) -> ImageHeader:
+def read_header(path: Path, max_pixels: int, need_size: bool = True, *, max_bytes: int | None = None,
+                root: Path | None = None) -> ImageHeader:
     """Size and format without decoding pixels (PIL reads only the header here).
 
     Of a JPEG larger than 64 KiB only the start is read: for object storage one ranged read
     instead of the whole image, which the decode stage reads anyway. ``need_size=False`` (a build
     that does not keep images) leaves ``file_bytes`` None where learning it would cost a request.
+    Files are read within ``max_bytes`` (default: derived from ``max_pixels``) and, locally,
+    only inside ``root`` (``_read_bytes``).
     """
-    data, size = _read_start(path, _HEADER_PREFIX_BYTES, need_size)
+    max_bytes = max_bytes or image_bound(max_pixels)
+    data, size = _read_start(path, _HEADER_PREFIX_BYTES, need_size, max_bytes, root)
     if size is None or len(data) < size:
         header = _header_from_jpeg_start(data, size, path, max_pixels)
         if header is not None:
             return header
-        data = _read_bytes(path)
+        data = _read_bytes(path, max_bytes, root)
         size = len(data)
     return _header(_open(data, path, max_pixels), size)
+
+
+def header_from_bytes(data: bytes, where: str, max_pixels: int) -> ImageHeader:
+    """The header of an image held in memory (a tar member, a Parquet cell)."""
+    if not data:
+        raise ImageSkip(EMPTY_FILE, f"{where} is empty (0 bytes)")
+    return _header(_open(data, where, max_pixels), len(data))
 
 
 def _header(image: Image.Image, file_bytes: int | None) -> ImageHeader:
@@ -256,8 +277,21 @@ def _draft_reduction(image: Image.Image, resized_hw: tuple[int, int], swaps_axes
 
 
 def decode_and_fit(path: Path, bucket: Bucket, resize_mode: str, max_pixels: int,
-                   expected_hw: tuple[int, int] | None, lanczos: bool) -> TransformedImage:
-    data = _read_bytes(path)
+                   expected_hw: tuple[int, int] | None, lanczos: bool, *, max_bytes: int | None = None,
+                   root: Path | None = None, data: bytes | None = None) -> TransformedImage:
+    """The image at ``path`` decoded and fitted to ``bucket``; reads as ``read_header`` does.
+
+    ``data``: the image's bytes when the source holds them (``path`` then only names it), held
+    to the same bound.
+    """
+    embedded = data is not None
+    max_bytes = max_bytes or image_bound(max_pixels)
+    if data is None:
+        data = _read_bytes(path, max_bytes, root)
+    elif not data:
+        raise ImageSkip(EMPTY_FILE, f"{path} is empty (0 bytes)")
+    elif len(data) > max_bytes:
+        raise ImageSkip(FILE_TOO_LARGE, too_large(path, f"{len(data)} bytes", max_bytes).detail)
     image = _open(data, path, max_pixels)
     pil_format = image.format
     # The geometry comes from the header, so a size mismatch is found before any pixel is decoded.
@@ -288,7 +322,8 @@ def decode_and_fit(path: Path, bucket: Bucket, resize_mode: str, max_pixels: int
     if (top, left) != (0, 0) or resized_hw != (bucket.height, bucket.width):
         rgb = rgb.crop((left, top, left + bucket.width, top + bucket.height))
     pixels = np.array(rgb, dtype=np.uint8)  # a writable copy: torch warns on read-only arrays
-    extension = _extension(path, pil_format)
+    # An embedded image's name promises nothing (img2dataset names PNG and WebP bytes .jpg): its format does.
+    extension = _format_extension(pil_format) if embedded else _extension(path, pil_format)
     return TransformedImage(pixels=pixels, original_hw=original_hw, resized_hw=resized_hw,
                             crop_top=top, crop_left=left, image_bytes=data, extension=extension)
 
@@ -298,6 +333,14 @@ def _extension(path: Path, pil_format: str | None) -> str:
     if ext == "jpeg":
         ext = "jpg"
     return ext if ext.isalnum() and ext else (pil_format or "img").lower()
+
+
+_FORMAT_EXTENSIONS = {"jpeg": "jpg", "tiff": "tif"}
+
+
+def _format_extension(pil_format: str | None) -> str:
+    name = (pil_format or "img").lower()
+    return _FORMAT_EXTENSIONS.get(name, name)
 
 
 def to_model_input(pixels_uint8):
@@ -316,6 +359,9 @@ class DecodeJob:
     max_pixels: int
     expected_hw: tuple[int, int] | None
     lanczos: bool
+    max_bytes: int | None = None  # None: derived from max_pixels
+    root: Path | None = None  # a local image must lie inside it (symlinks resolved); None: anywhere
+    data: bytes | None = None  # the image's bytes, when the source holds them
 
 
 @dataclass
@@ -330,7 +376,8 @@ def run_decode_job(job: DecodeJob) -> DecodeResult:
     """Worker entry point: never raises for a bad image, so one broken file cannot stop a build."""
     try:
         return DecodeResult(decode_and_fit(job.path, job.bucket, job.resize_mode, job.max_pixels,
-                                           job.expected_hw, job.lanczos))
+                                           job.expected_hw, job.lanczos, max_bytes=job.max_bytes, root=job.root,
+                                           data=job.data))
     except ImageSkip as exc:
         return DecodeResult(None, exc.reason, exc.detail)
     except SourceUnavailable as exc:

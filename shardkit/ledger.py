@@ -109,7 +109,8 @@ class Ledger:
                         buckets=self.header.buckets, sample_format=self.header.sample_format, shards=shards,
                         empty_plans=[r["empty"] for r in done.values() if "empty" in r],
                         status="complete" if complete else "in_progress",
-                        records_read=self.plan.source["records"], plan_skipped=self.plan.skipped)
+                        records_read=self.plan.source["records"], plan_skipped=self.plan.skipped,
+                        source_fields=self.plan.source_fields)
 
     def publish(self) -> Manifest:
         """Write ``manifest.json`` (and, once every shard is done, ``failures.jsonl`` first) from the records."""

@@ -18,7 +18,7 @@ from typing import Any, BinaryIO, Iterator
 from . import __version__
 from .errors import ShardkitError
 from .format import SampleFormat, declare_from_config, member_bounds
-from .storage import LocalStorage, Storage, atomic_write_bytes, with_timeouts
+from .storage import LocalStorage, Storage, atomic_write_bytes, storage_error, with_timeouts
 from .tario import TarSample, iter_tar_samples
 
 MANIFEST_NAME = "manifest.json"
@@ -59,6 +59,8 @@ class Manifest:
     distributed: dict[str, Any] | None = None
     # The declaration of the samples (format.SampleFormat.as_json()); None in manifests written before it.
     sample_format: dict[str, Any] | None = None
+    # The source's own metadata fields in the samples' "source" record: name -> JSON types seen.
+    source_fields: dict[str, list[str]] = field(default_factory=dict)
 
     def declaration(self) -> SampleFormat:
         """What every sample of the build holds: as declared, or derived from the config and
@@ -120,6 +122,7 @@ class Manifest:
             "shards": [asdict(e) for e in sorted(self.shards, key=lambda e: e.path)],
             "empty_plans": sorted(self.empty_plans, key=lambda e: e["path"]),
             "plan_skipped": self.plan_skipped,
+            "source_fields": dict(sorted(self.source_fields.items())),
             **({"distributed": self.distributed} if self.distributed is not None else {}),
         }
 
@@ -133,7 +136,31 @@ class Manifest:
                    buckets=data["buckets"], shards=[ShardEntry.from_json(s) for s in data["shards"]],
                    empty_plans=list(data.get("empty_plans", [])), status=data["status"],
                    records_read=data["records"]["read"], plan_skipped=list(data.get("plan_skipped", [])),
-                   distributed=data.get("distributed"), sample_format=data.get("sample_format"))
+                   distributed=data.get("distributed"), sample_format=data.get("sample_format"),
+                   source_fields=dict(data.get("source_fields", {})))
+
+
+def declare_source_fields(declared: dict[str, list[str]], metadata: dict[str, Any]) -> None:
+    """Add a sample's source metadata to ``declared`` (name -> the JSON types seen, sorted)."""
+    for name, value in metadata.items():
+        kinds = declared.setdefault(name, [])
+        kind = json_type(value)
+        if kind not in kinds:
+            kinds.append(kind)
+            kinds.sort()
+
+
+def json_type(value: Any) -> str:
+    """A value's JSON type name, as the manifest declares source fields."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    return "array" if isinstance(value, list) else "object"
 
 
 def _write_whole(output: Path | Storage, name: str, payload: bytes) -> None:
@@ -165,6 +192,8 @@ def parse_manifest(payload: bytes, where: str) -> tuple[Manifest, dict[str, Any]
     except json.JSONDecodeError as exc:
         raise ShardkitError(f"{where} is not valid JSON (line {exc.lineno}): the build may have been "
                             f"interrupted; rerun `shardkit build`") from None
+    except RecursionError:
+        raise ShardkitError(f"{where} holds JSON nested too deeply to read; it is not a shardkit manifest") from None
     if not isinstance(raw, dict):
         raise ShardkitError(f"{where} is not a shardkit manifest")
     try:
@@ -233,7 +262,11 @@ def open_shard_set(output: str, storage_options: dict[str, Any] | None = None, t
         payload = storage.read_bytes(MANIFEST_NAME)
     except (FileNotFoundError, NotADirectoryError):
         raise ShardkitError(f"no {MANIFEST_NAME} in {output}; is it the OUTPUT folder of a `shardkit build`?") from None
-    except OSError as exc:
-        raise ShardkitError(f"cannot read {url}/{MANIFEST_NAME}: {exc}") from None
+    except ShardkitError:
+        raise
+    except Exception as exc:  # unreachable endpoint, no credentials, denied: one line, not a traceback
+        if storage.is_local and isinstance(exc, OSError):
+            raise ShardkitError(f"cannot read {url}/{MANIFEST_NAME}: {exc}") from None
+        raise storage_error(f"{url}/{MANIFEST_NAME}", exc) from None
     manifest, raw = parse_manifest(payload, f"{url}/{MANIFEST_NAME}")
     return ShardSet(url=url, storage=storage, manifest=manifest, raw=raw)

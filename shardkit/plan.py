@@ -15,26 +15,33 @@ from __future__ import annotations
 
 import concurrent.futures as futures
 import itertools
+import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
 from .buckets import Bucket, BucketTable
 from .config import DEFAULT_CAPTIONS, BuildConfig
+from .digest_index import DigestIndex, digest_of
 from .errors import SourceError
-from .images import ImageHeader, ImageSkip, file_size, read_header
+from .filters import parse_filter
+from .images import ImageHeader, ImageSkip, file_size, header_from_bytes, image_file_bytes, read_header
 from .lookahead import bounded_map
-from .sources import IMAGE_EXTENSIONS, Record
+from .manifest import declare_source_fields
+from .sourcefiles import PATH_OUTSIDE_ROOT
+from .sources import IMAGE_EXTENSIONS, MISSING_IMAGE, Record, image_digest
+from .storage import RemotePath
 
-PATH_OUTSIDE_ROOT = "path_outside_root"
 DUPLICATE_PATH = "duplicate_path"
 DUPLICATE_KEY = "duplicate_key"
 EXTREME_ASPECT_RATIO = "extreme_aspect_ratio"
 MISSING_CAPTION = "missing_caption"
 EMPTY_CAPTION = "empty_caption"
 INVALID_CAPTION = "invalid_caption"
+DUPLICATE_IMAGE = "duplicate_image"
 
 # Records read to check the caption fields against the source before any encoder loads.
 CAPTION_CHECK_RECORDS = 1000
@@ -73,6 +80,11 @@ class PlannedRecord:
     expected_hw: tuple[int, int] | None  # from the metadata, checked against the decoded image
     planned_bytes: int
 
+    @property
+    def source_metadata(self) -> dict:
+        """The source's own fields, for the sample's metadata record (captions are there already)."""
+        return {k: v for k, v in self.record.metadata.items() if k not in self.captions}
+
 
 @dataclass
 class ShardPlan:
@@ -93,9 +105,27 @@ class ImageFacts:
     file_bytes: int | None = None  # None: not needed, or not found (the decode stage records the miss)
     header: ImageHeader | None = None  # read only when the metadata gives no width/height
     header_skip: ImageSkip | None = None  # the header could not be read: the record's skip
+    digest: bytes | None = None  # --dedup: the image bytes' digest (None: the bytes could not be read)
 
 
-def look_up_image(record: Record, keep_images: bool, max_pixels: int) -> ImageFacts:
+@dataclass(frozen=True)
+class ReadLimits:
+    """What a build lets the image stage read: pixels, bytes, and whether links may leave the root."""
+
+    max_pixels: int
+    max_bytes: int
+    follow_symlinks_outside_root: bool = False
+
+    @classmethod
+    def of(cls, config: BuildConfig) -> "ReadLimits":
+        return cls(config.max_image_pixels, config.image_byte_limit(), config.follow_symlinks_outside_root)
+
+    def root_of(self, record: Record) -> Path | RemotePath | None:
+        """The folder a record's image must really lie in; None when links may lead anywhere."""
+        return None if self.follow_symlinks_outside_root else record.image_root
+
+
+def look_up_image(record: Record, keep_images: bool, limits: ReadLimits, dedup: bool = False) -> ImageFacts:
     """The image's header (if the metadata lacks its size) and its size in bytes (if images are kept).
 
     A header read's remote storage errors other than a missing file propagate (SourceUnavailable):
@@ -105,11 +135,28 @@ def look_up_image(record: Record, keep_images: bool, max_pixels: int) -> ImageFa
     of the shard's byte bound.
     """
     facts = ImageFacts()
-    if record.escapes_root:
+    if record.escapes_root or record.source_problem is not None:
         return facts  # skipped without touching storage
+    if dedup and not record.embedded:
+        # --dedup reads the whole file anyway: its header and size come from that one read.
+        try:
+            data = image_file_bytes(record.location, limits.max_bytes, limits.root_of(record))
+        except ImageSkip as exc:
+            if record.width is None or record.height is None:
+                facts.header_skip = exc
+            return facts  # with a size from the metadata, the decode stage records the skip
+        facts.digest = image_digest(data)
+        return _facts_from_bytes(facts, data, str(record.location), record, limits.max_pixels)
+    if record.embedded:
+        # The bytes are in memory: the header costs no I/O.
+        if record.image_bytes is not None:
+            facts.digest = image_digest(record.image_bytes) if dedup and record.image_bytes else None
+            _facts_from_bytes(facts, record.image_bytes, record.path, record, limits.max_pixels)
+        return facts
     if record.width is None or record.height is None:
         try:
-            facts.header = read_header(record.location, max_pixels, need_size=keep_images)
+            facts.header = read_header(record.location, limits.max_pixels, need_size=keep_images,
+                                       max_bytes=limits.max_bytes, root=limits.root_of(record))
         except ImageSkip as exc:
             facts.header_skip = exc
             return facts
@@ -122,11 +169,23 @@ def look_up_image(record: Record, keep_images: bool, max_pixels: int) -> ImageFa
     return facts
 
 
+def _facts_from_bytes(facts: ImageFacts, data: bytes, where: str, record: Record, max_pixels: int) -> ImageFacts:
+    facts.file_bytes = len(data)
+    if record.width is None or record.height is None:
+        try:
+            facts.header = header_from_bytes(data, where, max_pixels)
+        except ImageSkip as exc:
+            facts.header_skip = exc
+    return facts
+
+
 @dataclass
 class PlanStats:
     records_read: int = 0
     planned: int = 0
     skips: list[Skip] = field(default_factory=list)
+    # The planned records' source metadata fields and their JSON types, declared in the manifest.
+    source_fields: dict[str, list[str]] = field(default_factory=dict)
 
 
 class Planner:
@@ -154,8 +213,16 @@ class Planner:
         self.caption_bytes = caption_bytes or (lambda ids: len(ids) * self.hidden_size * self.feature_itemsize
                                                + _NPY_HEADER + _TAR_MEMBER_OVERHEAD)
         self.stats = PlanStats()
-        self._seen_paths: set[str] = set()
-        self._seen_keys: set[str] = set()
+        self.filters = [parse_filter(text) for text in config.filters]
+        # Compact digests, not strings: these grow with the source (see digest_index.py).
+        self._seen_paths = DigestIndex()
+        self._seen_keys = DigestIndex()
+        self._seen_images = DigestIndex()  # --dedup: image bytes -> the first record planned with them
+
+    @property
+    def index_bytes(self) -> int:
+        """Memory of the tables that grow with the source (paths, keys, --dedup's images)."""
+        return sum(index.nbytes for index in (self._seen_paths, self._seen_keys, self._seen_images))
 
     def plan(self, records: Iterable[Record]) -> Iterator[ShardPlan]:
         """Yield shard plans as they close; the stats hold every record's fate."""
@@ -164,12 +231,16 @@ class Planner:
         for record, facts in self._looked_up(records):
             self.stats.records_read += 1
             planned = self._plan_record(record, facts)
+            # The plan keeps source indices only (a shard's writer reads its records again): the
+            # image bytes a tar or table held are not kept for the shards still open.
+            record.image_bytes = None
             if isinstance(planned, Skip):
                 self.stats.skips.append(planned)
                 if self.on_skip is not None:
                     self.on_skip(planned)
                 continue
             self.stats.planned += 1
+            declare_source_fields(self.stats.source_fields, planned.source_metadata)
             bucket = planned.bucket
             plan = open_plans.get(bucket.key)
             if plan is not None and plan.records and plan.planned_bytes + planned.planned_bytes > self.config.shard_max_bytes:
@@ -191,10 +262,10 @@ class Planner:
                 yield plan
 
     def _looked_up(self, records: Iterable[Record]) -> Iterator[tuple[Record, ImageFacts]]:
-        keep_images, max_pixels = self.config.keep_images, self.config.max_image_pixels
+        keep_images, limits, dedup = self.config.keep_images, ReadLimits.of(self.config), self.config.dedup
 
         def look_up(record: Record) -> ImageFacts:
-            return look_up_image(record, keep_images, max_pixels)
+            return look_up_image(record, keep_images, limits, dedup)
 
         tagged = ((record, record) for record in records)
         if self.lookup_threads <= 0:
@@ -210,15 +281,24 @@ class Planner:
         def skip(reason: str, detail: str) -> Skip:
             return Skip(record.index, record.path, reason, detail)
 
+        if record.source_problem is not None:
+            return skip(*record.source_problem)
         if record.escapes_root:
             return skip(PATH_OUTSIDE_ROOT, f"path {record.path!r} leaves the image root")
         norm = record.normalized_path
-        if norm in self._seen_paths:
+        if self._seen_paths.first_or_add(digest_of(norm), record.index) is not None:
             return skip(DUPLICATE_PATH, f"path {record.path!r} was already read earlier in the source")
-        self._seen_paths.add(norm)
+        if record.refused_caption is not None:
+            return skip(*record.refused_caption)
         key = record.key
-        if key in self._seen_keys:
+        key_digest = digest_of(key)
+        if self._seen_keys.first(key_digest) is not None:
             return skip(DUPLICATE_KEY, f"key {key} of {record.path!r} collides with an earlier record")
+        if record.embedded and record.image_bytes is None:
+            return skip(MISSING_IMAGE, f"{record.path} has no image bytes in the source (a failed download?)")
+        for expression in self.filters:
+            if not expression.holds(record.metadata):
+                return skip(expression.reason, _filter_detail(expression, record))
 
         captions = self._captions(record)
         if isinstance(captions, tuple):
@@ -235,11 +315,19 @@ class Planner:
         else:
             width, height = facts.header.width, facts.header.height
 
+        if min(width, height) < self.config.min_image_size:
+            return skip(f"filtered: --min-image-size {self.config.min_image_size}",
+                        f"{width}x{height} (WxH): the shorter side is under {self.config.min_image_size} pixels")
         ratio = height / width
         if max(ratio, 1.0 / ratio) > self.config.max_ratio:
             return skip(EXTREME_ASPECT_RATIO, f"{width}x{height} (WxH) has aspect {ratio:.3f}, beyond --max-ratio {self.config.max_ratio}")
+        if self.config.dedup and facts.digest is not None:
+            # The first record planned with these bytes keeps them: a duplicate of a skipped record is not lost.
+            first = self._seen_images.first_or_add(facts.digest, record.index)
+            if first is not None:
+                return skip(DUPLICATE_IMAGE, f"image bytes equal those of record {first}, the first with them")
 
-        self._seen_keys.add(key)
+        self._seen_keys.first_or_add(key_digest, record.index)
         bucket = self.table.closest(height, width)
         token_ids = self._token_ids(captions)
         return PlannedRecord(record=record, key=key, bucket=bucket, captions=captions, token_ids=token_ids,
@@ -287,6 +375,8 @@ class Planner:
         """An upper bound of the sample's bytes in the tar."""
         size = _METADATA_ALLOWANCE + 2 * _TAR_MEMBER_OVERHEAD
         size += sum(len(t.encode("utf-8")) for t in record.captions.values() if isinstance(t, str))
+        if record.metadata:
+            size += len(json.dumps(record.metadata, ensure_ascii=False).encode("utf-8"))
         if self.config.keep_images and facts.file_bytes is not None:
             size += facts.file_bytes + _TAR_MEMBER_OVERHEAD
         latent = math.prod(self.latent_shape(bucket.height, bucket.width)) * self.feature_itemsize
@@ -304,7 +394,10 @@ def check_caption_fields(records: Iterable[Record], captions: tuple[str, ...], s
     large source is checked against its first ``CAPTION_CHECK_RECORDS`` records.
     """
     primary, *optional = captions
-    seen = list(itertools.islice(records, CAPTION_CHECK_RECORDS))
+    seen = []
+    for record in itertools.islice(records, CAPTION_CHECK_RECORDS):
+        record.image_bytes = None  # only captions are checked: a tar's or table's images need not stay in memory
+        seen.append(record)
     if not seen:
         raise SourceError(f"{source} holds no records (a folder source needs images ending in "
                           f"{', '.join(IMAGE_EXTENSIONS)}); check SOURCE")
@@ -329,3 +422,10 @@ def check_caption_fields(records: Iterable[Record], captions: tuple[str, ...], s
         if name not in DEFAULT_CAPTIONS and not any(name in record.captions for record in seen):
             raise SourceError(f"no record {where} has a {name!r} caption field ({found}); "
                               f"fix its name in --captions or leave it out")
+
+
+def _filter_detail(expression, record: Record) -> str:
+    """What the filter read: the values of its fields (or that the record lacks them)."""
+    shown = ", ".join(f"{name}={record.metadata[name]!r}" if record.metadata.get(name) is not None else f"no {name}"
+                      for name in sorted(expression.fields()))
+    return f"{shown}: does not satisfy {expression.text}"

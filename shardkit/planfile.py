@@ -7,16 +7,17 @@ number of workers) executes any of its shards and writes the same bytes.
 
 The file is compact: per shard its bucket, its number within the bucket and the source indices
 of its records; the records themselves are read again from SOURCE by whoever executes a shard.
-A digest of every record of SOURCE (index, path, captions, width, height) ties the plan to its
-source, and a sha256 over the rest of the file catches any edit: a resume refuses a plan that
-is damaged, edited, or made for another source or config.
+A digest of every record of SOURCE (index, path, captions, width, height, and the source's own
+metadata where it has more) ties the plan to its source, and a sha256 over the rest of the file
+catches any edit: a resume refuses a plan that is damaged, edited, or made for another source or
+config. Every choice of records (skips, filters, --dedup) is made here, once.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
 from .buckets import Bucket, BucketTable
@@ -60,11 +61,14 @@ class BuildPlan:
     batching: Batching
     shards: list[PlannedShard]  # in plan order; a shard's position is its claim number
     skipped: list[dict]  # records skipped while planning (failures.jsonl lines)
+    # The source's own metadata fields of the planned records, with their JSON types (the manifest's).
+    source_fields: dict[str, list[str]] = field(default_factory=dict)
 
     def body(self) -> dict[str, Any]:
         return {"format": PLAN_FORMAT, "format_version": PLAN_VERSION, "source": self.source, "config": self.config,
                 "encoders": self.encoders, "batching": self.batching.as_json(),
-                "shards": [[s.bucket, s.index, list(s.records)] for s in self.shards], "skipped": self.skipped}
+                "shards": [[s.bucket, s.index, list(s.records)] for s in self.shards], "skipped": self.skipped,
+                "source_fields": self.source_fields}
 
     def to_bytes(self) -> bytes:
         body = _canonical(self.body())
@@ -90,7 +94,7 @@ class BuildPlan:
                        batching=Batching(**body["batching"]),
                        shards=[PlannedShard(bucket, int(index), tuple(int(i) for i in records))
                                for bucket, index, records in body["shards"]],
-                       skipped=list(body["skipped"]))
+                       skipped=list(body["skipped"]), source_fields=dict(body.get("source_fields", {})))
         except (KeyError, TypeError, ValueError):
             raise ShardkitError(refuse) from None
 
@@ -123,7 +127,13 @@ class SourceDigest:
         self.records = 0
 
     def add(self, record: Record) -> None:
-        self._hash.update(_canonical([record.index, record.path, record.captions, record.width, record.height]))
+        fields = [record.index, record.path, record.captions, record.width, record.height]
+        # Metadata beyond the captions (a tar's json, a table's columns) decides filters and what samples
+        # hold; so does a source's own problem with the record. Sources without them digest as before.
+        extra = {k: v for k, v in record.metadata.items() if k not in record.captions}
+        if extra or record.source_problem is not None:
+            fields += [extra, record.source_problem]
+        self._hash.update(_canonical(fields))
         self._hash.update(b"\n")
         self.records += 1
 
@@ -146,7 +156,7 @@ def make_plan(records: Iterable[Record], planner: Planner, config: dict, encoder
     # Skips as a plan read back from its file holds them (keys sorted): the manifest is the same either way.
     skipped = json.loads(_canonical([s.as_json() for s in planner.stats.skips]))
     return BuildPlan(source=digest.as_json(), config=config, encoders=encoders, batching=batching,
-                     shards=shards, skipped=skipped)
+                     shards=shards, skipped=skipped, source_fields=planner.stats.source_fields)
 
 
 def describe_source(records: Iterable[Record]) -> dict[str, Any]:

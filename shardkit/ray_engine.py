@@ -31,6 +31,7 @@ from .config import BuildConfig
 from .encoders import load_encoders
 from .errors import ShardkitError
 from .images import DecodeJob, DecodeResult, run_decode_job
+from .outputlock import actor_lock_name, lock_output, release_launch
 from .plan import ShardPlan
 from .planfile import Batching
 from .report import progress_bar
@@ -71,11 +72,14 @@ class ShardActor:
     """One encoder actor: the encoders loaded once, then whole shards written on request."""
 
     def __init__(self, config_json: dict, output: str, storage_options: dict | None, batching: dict,
-                 decode_window: int):
+                 decode_window: int, index: int, launch: str):
         import ray
 
         self.config = BuildConfig(**config_json)
         self.storage = Storage.for_url(output, storage_options_for(output, self.config.endpoint_url, storage_options))
+        # This actor's lock, of the driver's launch; a restarted actor takes over its earlier run's.
+        # The driver deletes it once it stopped the actors.
+        self.lock = lock_output(self.storage, actor_lock_name(index), launch, f"Ray actor {index}")
         self.encoders = load_encoders(self.config)  # Ray has set CUDA_VISIBLE_DEVICES to this actor's GPU
         self.batching = Batching(**batching)
         self.lanczos = BucketTable(self.config.resolution).uses_lanczos
@@ -121,7 +125,13 @@ def build_on_ray(source: str, output: str | Path, config: BuildConfig, options: 
     start = time.perf_counter()
     # The driver plans and writes manifests: it needs the tokenizer and the encoders' identities,
     # on the CPU, never a GPU the actors need.
-    job = BuildJob(str(source), output, config, overwrite, storage_options=storage_options, device="cpu")
+    with BuildJob(str(source), output, config, overwrite, storage_options=storage_options, device="cpu") as job:
+        return _drive(ray, job, options, storage_options, progress, start)
+
+
+def _drive(ray, job: BuildJob, options: RayOptions, storage_options: dict | None, progress: bool,
+           start: float) -> BuildSummary:
+    """Plan (holding the driver's lock), start the actors, hand them the shards, stop them."""
     plan = job.prepare_plan()
     ledger = job.ledger()
     positions = job.pending(ledger)
@@ -148,6 +158,7 @@ def build_on_ray(source: str, output: str | Path, config: BuildConfig, options: 
             ray.kill(actor, no_restart=True)
         if started:
             ray.shutdown()
+        release_launch(job.storage, job.lock.launch, keep=job.lock.name)  # the actors' locks
     manifest = ledger.publish()
     return BuildSummary.of(job.output, manifest, shards_reused=job.shards_reused, shards_written=written[0],
                            written_this_run=written[1], kept_samples=job.kept_samples,
@@ -169,7 +180,8 @@ def _start_actors(ray, job: BuildJob, options: RayOptions, storage_options: dict
     return [actor_class.options(name=f"{prefix}{i}", namespace=NAMESPACE, num_cpus=1,
                                 num_gpus=options.gpus_per_actor if on_gpus else 0,
                                 max_restarts=-1, max_task_retries=-1).remote(
-                config_json, job.storage.url, storage_options, job.plan.batching.as_json(), decode_window)
+                config_json, job.storage.url, storage_options, job.plan.batching.as_json(), decode_window, i,
+                job.lock.launch)
             for i in range(count)]
 
 

@@ -80,20 +80,22 @@ def child_env() -> dict[str, str]:
     return env
 
 
-def build_command(source: Path, output: Path, tiny_models: Path, processes: int = 1) -> list[str]:
-    """`shardkit build` on one process, or on several under torchrun (gloo rendezvous on 127.0.0.1)."""
+def build_command(source: Path, output: Path, tiny_models: Path, processes: int = 1,
+                  flags: tuple[str, ...] = ()) -> list[str]:
+    """`shardkit build` on one process, or on several under torchrun (gloo rendezvous on 127.0.0.1);
+    ``flags`` are added to (and override) ``build_flags``."""
     import sys
 
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes)] \
         if processes > 1 else [sys.executable]
-    return [*launcher, "-m", "shardkit", "build", str(source), str(output), *build_flags(tiny_models)]
+    return [*launcher, "-m", "shardkit", "build", str(source), str(output), *build_flags(tiny_models), *flags]
 
 
-def run_build(source: Path, output: Path, tiny_models: Path, processes: int = 1):
+def run_build(source: Path, output: Path, tiny_models: Path, processes: int = 1, flags: tuple[str, ...] = ()):
     import subprocess
 
-    result = subprocess.run(build_command(source, output, tiny_models, processes), capture_output=True, text=True,
-                            env=child_env(), timeout=600)
+    result = subprocess.run(build_command(source, output, tiny_models, processes, flags), capture_output=True,
+                            text=True, env=child_env(), timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     return result
 
@@ -132,19 +134,67 @@ def synthetic_dataset(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def one_process_builds(tmp_path_factory, tiny_models, toy_dataset, synthetic_dataset):
-    """``builds(name)``: OUTPUT of a one-process `shardkit build` of "toy" or "synthetic", made once."""
+def duplicated_tars(tmp_path_factory) -> Path:
+    """img2dataset-shaped WebDataset tars (KEY.jpg, KEY.txt, KEY.json with metadata) of 30 small
+    generated images over many buckets, spread over three shards: every fifth sample repeats the
+    image bytes of one three places earlier (across shard boundaries too), and one has no image."""
+    import io
+    import json
+    import random
+    import tarfile
+
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("duplicated-tars") / "tars"
+    root.mkdir()
+    rng = random.Random(11)
+    images: list[bytes] = []
+    for i in range(30):
+        if i % 5 == 4:
+            images.append(images[i - 3])
+            continue
+        out = io.BytesIO()
+        size = (rng.randint(40, 160), rng.randint(40, 160))
+        Image.new("RGB", size, tuple(rng.randrange(256) for _ in range(3))).save(out, "PNG" if i % 3 else "JPEG")
+        images.append(out.getvalue())
+
+    def add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size = len(payload)
+        tar.addfile(info, io.BytesIO(payload))
+
+    for shard in range(3):
+        with tarfile.open(root / f"{shard:05d}.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
+            for i in range(shard * 10, shard * 10 + 10):
+                key = f"{i:09d}"
+                if i != 17:  # a failed download: no image member
+                    add(tar, f"{key}.jpg", images[i])
+                add(tar, f"{key}.txt", f"generated picture number {i}".encode())
+                add(tar, f"{key}.json", json.dumps({"key": key, "status": "success", "aesthetic": i / 4}).encode())
+    return root
+
+
+# The flags a build of ``duplicated_tars`` takes: captions from the .txt members, --dedup, small shards.
+TAR_FLAGS = ("--captions", "txt", "--dedup", "--shard-max-count", "3")
+
+
+@pytest.fixture(scope="session")
+def one_process_builds(tmp_path_factory, tiny_models, toy_dataset, synthetic_dataset, duplicated_tars):
+    """``builds(name)``: OUTPUT of a one-process `shardkit build` of "toy", "synthetic" or "tars"
+    (with ``builds.flags[name]``), made once."""
     made: dict[str, Path] = {}
-    sources = {"toy": toy_dataset, "synthetic": synthetic_dataset}
+    sources = {"toy": toy_dataset, "synthetic": synthetic_dataset, "tars": duplicated_tars}
+    flags = {"toy": (), "synthetic": (), "tars": TAR_FLAGS}
 
     def builds(name: str) -> Path:
         if name not in made:
             output = tmp_path_factory.mktemp(f"one-process-{name}") / "out"
-            run_build(sources[name], output, tiny_models)
+            run_build(sources[name], output, tiny_models, flags=flags[name])
             made[name] = output
         return made[name]
 
     builds.sources = sources
+    builds.flags = flags
     return builds
 
 

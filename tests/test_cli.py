@@ -24,6 +24,8 @@ def test_build_help_documents_every_option():
         flag = "--" + field.name.replace("_", "-")
         if field.name == "keep_images":
             flag = "--keep-images"
+        if field.name == "filters":
+            flag = "--filter"  # one expression per flag, repeated
         assert flag in result.output, flag
     assert "--config" in result.output and "--overwrite" in result.output
 

@@ -4,6 +4,7 @@ one-process build."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -28,23 +29,27 @@ def _assert_sound(output: Path) -> None:
     assert report.exit_code == 0, report.as_json()
 
 
-@pytest.mark.parametrize("dataset", ["toy", "synthetic"])
-@pytest.mark.parametrize("processes", [2, 3])
+# "tars": img2dataset-shaped tars with repeated images, built with --dedup.
+@pytest.mark.parametrize("dataset,processes", [("toy", 2), ("toy", 3), ("synthetic", 2), ("synthetic", 3),
+                                               ("tars", 3)])
 def test_torchrun_launches_write_the_bytes_of_one_process(dataset, processes, one_process_builds, tiny_models,
                                                           tmp_path):
     reference = one_process_builds(dataset)
     output = tmp_path / "out"
-    result = run_build(one_process_builds.sources[dataset], output, tiny_models, processes)
+    result = run_build(one_process_builds.sources[dataset], output, tiny_models, processes,
+                       flags=one_process_builds.flags[dataset])
     assert f"rank 1 of {processes}: done" in result.stdout
     assert output_files(output) == output_files(reference)
     assert not any("-r0" in name for name in output_files(output))  # shard names carry no rank
     _assert_sound(output)
 
 
-def test_a_killed_launch_resumes_with_one_and_with_three_processes(one_process_builds, tiny_models, tmp_path):
-    source, reference = one_process_builds.sources["synthetic"], one_process_builds("synthetic")
+@pytest.mark.parametrize("dataset", ["synthetic", "tars"])
+def test_a_killed_launch_resumes_with_one_and_with_three_processes(dataset, one_process_builds, tiny_models, tmp_path):
+    source, reference = one_process_builds.sources[dataset], one_process_builds(dataset)
+    flags = one_process_builds.flags[dataset]
     killed = tmp_path / "killed"
-    launch = subprocess.Popen(build_command(source, killed, tiny_models, processes=2), env=child_env(),
+    launch = subprocess.Popen(build_command(source, killed, tiny_models, processes=2, flags=flags), env=child_env(),
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 300
@@ -52,13 +57,19 @@ def test_a_killed_launch_resumes_with_one_and_with_three_processes(one_process_b
             assert time.monotonic() < deadline, "the launch wrote no shard in time"
             time.sleep(0.05)
     finally:
-        os.killpg(launch.pid, signal.SIGKILL)  # torchrun and both ranks at once
+        # torchrun starts each rank in a session of its own: the ranks are found by their locks.
+        ranks = [json.loads(lock.read_text())["pid"] for lock in killed.glob("build.rank*.lock")]
+        os.killpg(launch.pid, signal.SIGKILL)
+        for pid in ranks:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         launch.wait(timeout=60)
+    assert len(ranks) == 2
     assert json.loads((killed / "manifest.json").read_text())["status"] == "in_progress"
     for processes in (1, 3):
         output = tmp_path / f"resumed-{processes}"
         shutil.copytree(killed, output)
-        result = run_build(source, output, tiny_models, processes)
+        result = run_build(source, output, tiny_models, processes, flags=flags)
         assert "kept from an earlier run" in result.stdout
         assert output_files(output) == output_files(reference), f"resumed with {processes}"
         _assert_sound(output)

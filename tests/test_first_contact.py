@@ -111,9 +111,10 @@ def test_folder_and_jsonl_sources_give_the_progress_bar_its_total(tmp_path, make
     lines.write_text("".join(json.dumps({"path": name, "prompt": "x"}) + "\n"
                              for name in sorted(p.name for p in (toy_dataset / "InternImgs").iterdir())[:5]))
     for source, root, total in ((folder, None, 2), (lines, str(toy_dataset / "InternImgs"), 5)):
-        job = BuildJob(str(source), tmp_path / f"out-{source.name}", make_config(image_root=root), encoders=encoders)
-        job.prepare_plan()
-        assert job.pending_records() == total, source
+        with BuildJob(str(source), tmp_path / f"out-{source.name}", make_config(image_root=root),
+                      encoders=encoders) as job:
+            job.prepare_plan()
+            assert job.pending_records() == total, source
 
 
 # ---- a build that writes nothing fails, and verify says so ---------------------------------
@@ -240,7 +241,8 @@ def test_inspect_of_an_unfinished_build_counts_consistently(unfinished_build):
 
 def test_the_build_announces_the_encoder_load(toy_dataset, make_config, tmp_path):
     lines = []
-    BuildJob(str(toy_dataset), tmp_path / "out", make_config(), announce=lines.append)
+    with BuildJob(str(toy_dataset), tmp_path / "out", make_config(), announce=lines.append):
+        pass
     assert lines == [f"loading encoders: VAE {make_config().vae}, T5 {make_config().t5} ..."]
 
 

@@ -119,9 +119,9 @@ def _count_whole_reads(monkeypatch) -> list:
     whole_reads = []
     read_bytes = images_module._read_bytes
 
-    def counting(path):
+    def counting(path, *limits):
         whole_reads.append(path)
-        return read_bytes(path)
+        return read_bytes(path, *limits)
 
     monkeypatch.setattr(images_module, "_read_bytes", counting)
     return whole_reads

@@ -10,9 +10,10 @@ import shardkit.plan as plan_module
 from shardkit.buckets import BucketTable
 from shardkit.config import BuildConfig
 from shardkit.images import SourceUnavailable
-from shardkit.plan import DUPLICATE_PATH, ImageFacts, Planner, look_up_image
+from shardkit.plan import DUPLICATE_PATH, ImageFacts, Planner, ReadLimits, look_up_image
 from shardkit.sources import Record
 
+LIMITS = ReadLimits(max_pixels=10**8, max_bytes=10**9)
 SIZES = [(512, 512), (384, 640), (640, 384), (512, 512), (300, 900), (900, 300), (512, 512), (480, 640)]
 
 
@@ -41,7 +42,7 @@ def test_lookups_run_ahead_on_threads_and_plans_stay_in_order(tmp_path, monkeypa
     barrier = threading.Barrier(4, timeout=20)
     in_flight = []
 
-    def slow_lookup(record, keep_images, max_pixels):
+    def slow_lookup(record, keep_images, limits, dedup=False):
         in_flight.append(record.index)
         if record.index < 4:
             barrier.wait()
@@ -56,7 +57,7 @@ def test_lookups_run_ahead_on_threads_and_plans_stay_in_order(tmp_path, monkeypa
 def test_lookup_errors_surface_in_record_order(tmp_path, monkeypatch):
     records = _records(tmp_path)
 
-    def failing_lookup(record, keep_images, max_pixels):
+    def failing_lookup(record, keep_images, limits, dedup=False):
         if record.index == 5:
             raise RuntimeError("storage endpoint went away")
         return ImageFacts()
@@ -85,7 +86,7 @@ def test_duplicates_hold_with_lookahead(tmp_path, monkeypatch):
     paths[4] = paths[2]
     paths[6] = paths[3]
     records = _records(tmp_path, paths)
-    monkeypatch.setattr(plan_module, "look_up_image", lambda record, keep_images, max_pixels: ImageFacts())
+    monkeypatch.setattr(plan_module, "look_up_image", lambda record, keep_images, limits, dedup=False: ImageFacts())
     for threads in (0, 4):
         planner = _planner(lookup_threads=threads, shard_max_count=1000)
         planned = [p.record.index for plan in planner.plan(iter(records)) for p in plan.records]
@@ -117,11 +118,11 @@ def test_a_failed_size_request_stops_the_build_and_a_missing_image_is_left_to_de
     fs.pipe("/sizes/a.jpg", b"\xff\xd8\xff" + b"x" * 100)
     record = Record(index=0, path="a.jpg", image_root=RemotePath("memory://sizes"), captions={"prompt": "a"},
                     width=64, height=64)
-    assert look_up_image(record, keep_images=True, max_pixels=10**8).file_bytes == 103
-    assert look_up_image(record, keep_images=False, max_pixels=10**8).file_bytes is None
+    assert look_up_image(record, keep_images=True, limits=LIMITS).file_bytes == 103
+    assert look_up_image(record, keep_images=False, limits=LIMITS).file_bytes is None
     missing = Record(index=1, path="gone.jpg", image_root=RemotePath("memory://sizes"), captions={"prompt": "b"},
                      width=64, height=64)
-    assert look_up_image(missing, keep_images=True, max_pixels=10**8) == ImageFacts()
+    assert look_up_image(missing, keep_images=True, limits=LIMITS) == ImageFacts()
 
     def broken_info(self, path, **kwargs):
         raise ConnectionError("connection reset by peer")
@@ -129,5 +130,5 @@ def test_a_failed_size_request_stops_the_build_and_a_missing_image_is_left_to_de
     with monkeypatch.context() as patched:
         patched.setattr(type(fs), "info", broken_info)
         with pytest.raises(SourceUnavailable, match="connection reset"):
-            look_up_image(record, keep_images=True, max_pixels=10**8)
+            look_up_image(record, keep_images=True, limits=LIMITS)
     fs.rm("/sizes", recursive=True)

@@ -284,3 +284,75 @@ def test_header_of_a_large_jpeg_in_a_bucket_takes_a_ranged_read(s3, s3fs_client,
     start, size = remote.read_start(64 * 1024)
     assert start == local.read_bytes()[:64 * 1024] and size == local.stat().st_size > 64 * 1024
     assert read_header(remote, 10**8) == read_header(local, 10**8)
+
+
+@pytest.mark.timeout(60)
+def test_a_second_build_into_a_locked_prefix_is_refused(s3, s3fs_client):
+    """The lock object is created conditionally (If-None-Match), so two builds cannot both hold it."""
+    from shardkit.distributed import RankInfo
+    from shardkit.outputlock import lock_worker
+
+    first = FsspecStorage(f"s3://{BUCKET}/locked", _options(s3))
+    with lock_worker(first, RankInfo()):
+        assert s3fs_client.exists(f"{BUCKET}/locked/build.lock")
+        second = FsspecStorage(f"s3://{BUCKET}/locked", {**_options(s3), "skip_instance_cache": True})
+        with pytest.raises(ShardkitError, match="another build holds OUTPUT s3://"):
+            lock_worker(second, RankInfo())
+        with pytest.raises(FileExistsError):  # what the refusal rests on: the store's conditional create
+            second.fs.pipe_file(f"{BUCKET}/locked/build.lock", b"{}", mode="create")
+    s3fs_client.invalidate_cache()
+    assert not s3fs_client.exists(f"{BUCKET}/locked/build.lock")
+
+
+@pytest.mark.timeout(60)
+def test_images_in_a_bucket_are_read_within_the_byte_bound(s3, s3fs_client, tmp_path):
+    from shardkit.buckets import Bucket
+    from shardkit.images import ImageSkip, decode_and_fit, read_header
+    from shardkit.storage import RemotePath
+
+    rng = np.random.default_rng(0)
+    from PIL import Image
+
+    Image.fromarray(rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)).save(tmp_path / "big.png")
+    s3fs_client.pipe_file(f"{BUCKET}/bounded/big.png", (tmp_path / "big.png").read_bytes())
+    s3fs_client.pipe_file(f"{BUCKET}/bounded/empty.jpg", b"")
+    big = RemotePath(f"s3://{BUCKET}/bounded/big.png", _options(s3))
+    for read in (lambda: read_header(big, 10**8, max_bytes=100_000),
+                 lambda: decode_and_fit(big, Bucket("1.0", 64, 64), "crop", 10**8, None, False, max_bytes=100_000)):
+        with pytest.raises(ImageSkip) as skip:
+            read()
+        assert skip.value.reason == "file_too_large"
+    assert read_header(big, 10**8).width == 400  # within the default bound
+    with pytest.raises(ImageSkip) as skip:
+        decode_and_fit(RemotePath(f"s3://{BUCKET}/bounded/empty.jpg", _options(s3)), Bucket("1.0", 64, 64), "crop",
+                       10**8, None, False)
+    assert skip.value.reason == "empty_file"
+
+
+@pytest.mark.timeout(120)
+def test_an_oversized_caption_object_is_a_skip_never_fetched(s3, s3fs_client, toy_dataset, make_config, encoders,
+                                                            tmp_path):
+    folder = _folder_source(tmp_path / "folder", toy_dataset)
+    images = sorted(p for p in folder.rglob("*") if p.suffix in (".jpg", ".png", ".webp"))[:2]
+    for image in images:
+        s3fs_client.put_file(str(image), f"{BUCKET}/big-caption/{image.name}")
+    s3fs_client.pipe_file(f"{BUCKET}/big-caption/{images[0].stem}.txt", b"a fine caption")
+    s3fs_client.pipe_file(f"{BUCKET}/big-caption/{images[1].stem}.txt", b"x" * (1024 * 1024 + 1))
+    build(f"s3://{BUCKET}/big-caption", tmp_path / "out", make_config(captions=("prompt",)), encoders=encoders,
+          storage_options=_options(s3))
+    failures = [json.loads(line) for line in (tmp_path / "out" / "failures.jsonl").read_text().splitlines()]
+    assert [(f["source"], f["reason"]) for f in failures] == [(images[1].name, "file_too_large")]
+
+
+def test_tar_and_parquet_sources_in_a_bucket_equal_local_ones(s3, s3fs_client, make_config, encoders, tmp_path):
+    from test_source_kinds import _duplicated_parquet, _img2dataset_tars
+
+    tars, table = _img2dataset_tars(tmp_path), _duplicated_parquet(tmp_path)
+    s3fs_client.put(str(tars), f"{BUCKET}/wds", recursive=True)
+    s3fs_client.put(str(table), f"{BUCKET}/tables/{table.name}")
+    for source, remote, captions in ((tars, f"s3://{BUCKET}/wds", "txt"),
+                                     (table, f"s3://{BUCKET}/tables/{table.name}", "caption")):
+        config = make_config(captions=(captions,))
+        build(str(source), tmp_path / f"local-{captions}", config, encoders=encoders)
+        build(remote, tmp_path / f"remote-{captions}", config, encoders=encoders, storage_options=_options(s3))
+        assert _local_files(tmp_path / f"remote-{captions}") == _local_files(tmp_path / f"local-{captions}")

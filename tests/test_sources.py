@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime
+import io
 import json
 from pathlib import Path
 
@@ -89,3 +91,55 @@ def test_keys_are_stable_unique_and_dot_free():
     assert all("." not in k and "/" not in k and len(k) <= 81 for k in keys)
     assert keys == [make_key(p) for p in paths]
     assert keys[0].startswith("a_b_c-")
+
+
+def test_source_kind_is_found_from_what_the_folder_holds(tmp_path):
+    from shardkit.sources import expand_braces
+
+    wds = tmp_path / "wds"
+    wds.mkdir()
+    for name in ("00001.tar", "00000.tar", "00000.parquet", "00000_stats.json"):
+        (wds / name).write_bytes(b"")
+    spec = resolve_source(wds)
+    assert spec.kind == "webdataset" and [f.name for f in spec.files] == ["00000.tar", "00001.tar"]
+    Image.new("RGB", (8, 4)).save(wds / "cover.jpg")
+    assert resolve_source(wds).kind == "folder"  # images at the top make it an image folder
+
+    (tmp_path / "list.txt").write_text("# shards\nwds/00001.tar\n\n/abs/00009.tar\n")
+    listed = resolve_source(tmp_path / "list.txt")
+    assert listed.kind == "webdataset" and [str(f) for f in listed.files] == [str(wds / "00001.tar"), "/abs/00009.tar"]
+    pattern = resolve_source(str(tmp_path / "wds" / "{00000..00002}.tar"))
+    assert [f.name for f in pattern.files] == ["00000.tar", "00001.tar", "00002.tar"]
+    assert expand_braces("s3://b/{a,b}/{8..10}.tar") == ["s3://b/a/8.tar", "s3://b/a/9.tar", "s3://b/a/10.tar",
+                                                        "s3://b/b/8.tar", "s3://b/b/9.tar", "s3://b/b/10.tar"]
+    with pytest.raises(SourceError, match="counts down"):
+        resolve_source(str(tmp_path / "{9..1}.tar"))
+    with pytest.raises(SourceError, match="neither a .tar shard nor a .parquet file"):
+        resolve_source(str(tmp_path / "{a.tar,b.csv}"))
+    with pytest.raises(SourceError, match="--image-column names a column of a Parquet"):
+        resolve_source(wds / "00000.tar", image_column="jpg")
+
+
+def test_parquet_folder_streams_rows_in_file_order_with_their_metadata(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "laion"
+    folder.mkdir()
+    png = io.BytesIO()
+    Image.new("RGB", (8, 4)).save(png, "PNG")
+    for name, keys in (("part-1.parquet", ["c"]), ("part-0.parquet", ["a", "b"])):
+        pq.write_table(pa.table({"key": keys, "thumb": [b"not used"] * len(keys), "jpg": [png.getvalue()] * len(keys),
+                                 "caption": [f"caption {k}" for k in keys], "similarity": [0.3] * len(keys),
+                                 "when": [datetime.date(2024, 1, 2)] * len(keys)}), folder / name, row_group_size=1)
+    spec = resolve_source(folder)
+    assert spec.kind == "parquet"
+    records = list(iter_records(spec, ("caption",)))
+    assert [(r.index, r.path, r.source_key) for r in records] == [
+        (0, "part-0.parquet#0", "a"), (1, "part-0.parquet#1", "b"), (2, "part-1.parquet#0", "c")]
+    assert records[0].image_bytes == png.getvalue() and records[0].captions == {"caption": "caption a"}
+    assert records[0].metadata == {"key": "a", "similarity": 0.3, "when": "2024-01-02"}  # bytes columns are not metadata
+    chosen = list(iter_records(resolve_source(folder, image_column="thumb"), ("caption",)))
+    assert chosen[0].image_bytes == b"not used"
+    with pytest.raises(SourceError, match="column 'similarity' of part-0.parquet is double, not image bytes"):
+        resolve_source(folder, image_column="similarity")

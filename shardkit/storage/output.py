@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from ..errors import ShardkitError
-from .urls import _CREDENTIAL_ERRORS, _S3_PROTOCOLS, Retry, _storage_error, _url_to_fs, is_url, local_path
+from .urls import _CREDENTIAL_ERRORS, _S3_PROTOCOLS, Retry, _url_to_fs, is_url, local_path, storage_error
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +179,13 @@ class LocalStorage(Storage):
             entries = list(os.scandir(self.root / relative))
         except (FileNotFoundError, NotADirectoryError):
             return {}
-        return {e.name: (e.stat().st_size if e.is_file() else None) for e in entries}
+        sizes: dict[str, int | None] = {}
+        for entry in entries:
+            try:
+                sizes[entry.name] = entry.stat().st_size if entry.is_file() else None
+            except FileNotFoundError:
+                continue  # gone since the listing: another process's temporary file (a rank's, a lock's)
+        return sizes
 
     def remove(self, relative: str) -> None:
         path = self.root / relative
@@ -215,7 +221,7 @@ class FsspecStorage(Storage):
         except ShardkitError:
             raise
         except Exception as exc:
-            raise _storage_error(what, exc) from None
+            raise storage_error(what, exc) from None
 
     def prepare(self) -> None:
         if self.protocol in _S3_PROTOCOLS:
@@ -228,7 +234,7 @@ class FsspecStorage(Storage):
             except PermissionError:
                 pass  # credentials scoped to a prefix may not see the bucket itself; the writes will tell
             except Exception as exc:  # endpoint unreachable, no credentials, ...
-                raise _storage_error(f"s3://{bucket}", exc) from None
+                raise storage_error(f"s3://{bucket}", exc) from None
         if "/" in self.root and self._guard(self.url, self.fs.isfile, self.root):
             raise ShardkitError(f"OUTPUT {self.url} is an object, not a folder prefix; pass a folder URL")
 
@@ -283,7 +289,7 @@ class FsspecStorage(Storage):
             raise ShardkitError(f"cannot write {url}: its bucket or folder does not exist") from None
         except Exception as exc:
             if not uploadable(exc):
-                raise _storage_error(url, exc) from None
+                raise storage_error(url, exc) from None
             raise ShardkitError(f"upload of {url} failed {len(self.retry_delays) + 1} times ({type(exc).__name__}: "
                                 f"{exc}); completed shards are kept: run the same command again to resume") from None
 

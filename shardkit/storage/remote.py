@@ -109,6 +109,12 @@ class RemotePath:
             data = self._call("cat_file", start=0, end=length)
         except ValueError:  # an HTTP server without range requests
             data = self.read_bytes()
+        except FileNotFoundError:
+            raise
+        except OSError:
+            if self.stat().st_size == 0:
+                return b"", 0  # an empty object has no range to read (S3 answers 416)
+            raise
         if len(data) != length:
             return data, len(data)  # the whole object (shorter, or a server that sent all of it)
         return data, int(self._call("info")["size"]) if need_size else None
@@ -122,15 +128,15 @@ class RemotePath:
         handle = self._call("open", "rb")
         return handle if mode == "rb" else io.TextIOWrapper(handle, encoding=encoding or "utf-8")
 
-    def find(self) -> list[str]:
-        """Every file below this folder, as paths relative to it (unordered)."""
+    def find(self) -> dict[str, int]:
+        """Every file below this folder: path relative to it -> size in bytes (unordered)."""
         fs, root = self._fs()
         root = root.rstrip("/")
         try:
-            found = fs.find(root)
+            found = fs.find(root, detail=True)
         except FileNotFoundError:
-            return []
-        return [p[len(root) + 1:] for p in found if p.startswith(root + "/")]
+            return {}
+        return {p[len(root) + 1:]: int(info.get("size") or 0) for p, info in found.items() if p.startswith(root + "/")}
 
     def read_many(self, relatives: Iterable[str]) -> dict[str, bytes]:
         """Several small files below this folder in one concurrent request batch (e.g. captions)."""

@@ -80,7 +80,7 @@ def _url_to_fs(url: str, options: dict[str, Any]):
         raise ShardkitError(f"cannot open {url}: {exc}; check the URL and the storage options") from None
 
 
-def _storage_error(url: str, exc: BaseException) -> ShardkitError:
+def storage_error(url: str, exc: BaseException) -> ShardkitError:
     """One line naming the URL and what went wrong; never the credentials (they are not in exceptions)."""
     name = type(exc).__name__
     if name in _CREDENTIAL_ERRORS:

@@ -109,7 +109,7 @@ def main() -> None:
 
     target = BENCH_DIR / "results" / f"engines-n{args.n}.json"
     target.write_text(json.dumps(results, indent=1) + "\n")
-    print(f"| measure | records/s or samples/s |\n| --- | --- |")
+    print("| measure | records/s or samples/s |\n| --- | --- |")
     for name, value in results["plan_records_per_s"].items():
         print(f"| planning, {name} | {value:.0f} records/s |")
     for name, value in results["build_samples_per_s"].items():

@@ -8,7 +8,6 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import pytest
 import webdataset as wds
 from PIL import Image
 

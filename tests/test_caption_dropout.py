@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from make_pre_declaration_build import make_pre_declaration_build
 from shardkit.build import build

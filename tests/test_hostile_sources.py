@@ -25,7 +25,7 @@ from shardkit.build import build
 from shardkit.cli import main
 from shardkit.config import BuildConfig
 from shardkit.distributed import RankInfo
-from shardkit.errors import ShardkitError, SourceError
+from shardkit.errors import ShardkitError
 from shardkit.images import ImageSkip, read_header
 from shardkit.outputlock import lock_worker
 from shardkit.storage import Storage

@@ -21,7 +21,7 @@ from shardkit.build import build
 from shardkit.errors import ShardkitError
 from shardkit.storage import FsspecStorage
 
-import s3fs  # noqa: F401  (the test extra installs it; a missing one must fail, not skip)
+import s3fs  # the test extra installs it; a missing one must fail, not skip
 from moto import server as moto_server
 
 BUCKET = "shardkit-test"
@@ -47,8 +47,6 @@ def s3(toy_dataset, tmp_path_factory):
             env.setenv(name, value)
         for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
             env.delenv(name, raising=False)
-        import s3fs
-
         fs = s3fs.S3FileSystem(endpoint_url=endpoint)
         fs.mkdir(BUCKET)
         fs.put(str(toy_dataset), f"{BUCKET}/toy", recursive=True)
@@ -65,8 +63,6 @@ def _small_jsonl(toy_dataset: Path) -> str:
 
 @pytest.fixture
 def s3fs_client(s3):
-    import s3fs
-
     return s3fs.S3FileSystem(endpoint_url=s3, skip_instance_cache=True)
 
 
@@ -88,8 +84,6 @@ def _fail_uploads(monkeypatch, should_fail: Callable[[str, list[str]], bool]) ->
     sent, then the connection drops. ``should_fail(bucket/key, shard uploads so far)``; returns that list.
 
     Patched at s3fs's request level, which every filesystem instance looks up at call time."""
-    import s3fs
-
     original = s3fs.S3FileSystem._call_s3
     calls: list[str] = []
 
@@ -246,8 +240,6 @@ def test_cli_build_records_the_endpoint_but_no_credentials(s3, s3fs_client, tiny
 def test_unreadable_source_stops_resumably_instead_of_skipping(s3, toy_build, make_config, encoders, tmp_path,
                                                                monkeypatch):
     """A source image that cannot be fetched (network, service) is no bad record: nothing is skipped."""
-    import s3fs
-
     original = s3fs.S3FileSystem._call_s3
     fetched: list[str] = []
 

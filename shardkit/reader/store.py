@@ -318,8 +318,8 @@ def empty_caption(resolved: ResolvedBuild, store: ShardStore, encoder: str = "t5
     fmt = resolved.manifest.declaration()
     declared = fmt.empty_captions.get(encoder)
     if declared is None and fmt.pipeline is not None:
-        raise ShardkitError(f"caption_dropout needs a stored empty caption, and a --pipeline build stores none; "
-                            f"drop captions in the training step instead (the pipeline's encoding of \"\")")
+        raise ShardkitError("caption_dropout needs a stored empty caption, and a --pipeline build stores none; "
+                            "drop captions in the training step instead (the pipeline's encoding of \"\")")
     if declared is None:
         raise ShardkitError(f"the build at {resolved.location} stores no empty caption (it was made before shardkit "
                             f"stored one); run the same `shardkit build SOURCE OUTPUT` again: it keeps every shard "

@@ -5,6 +5,7 @@ one-process build."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -94,6 +95,13 @@ def test_a_damaged_or_foreign_plan_is_refused_in_one_line(one_process_builds, ti
     assert "damaged or was edited" in refusal()
     shutil.copy(one_process_builds("synthetic") / "plan.json", plan_file)  # a sound plan of another source
     assert "made from another source" in refusal()
+    # Sealed again with a matching sha256, but a shard's records no longer rise in source order.
+    body = json.loads(original)["plan"]
+    multi = next(shard for shard in body["shards"] if len(shard[2]) > 1)
+    multi[2].reverse()
+    sealed = json.dumps(body, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    plan_file.write_text(f'{{"sha256":"{hashlib.sha256(sealed.encode()).hexdigest()}","plan":{sealed}}}\n')
+    assert "damaged or was edited" in refusal()
     plan_file.write_bytes(original)
     result = CliRunner().invoke(main, ["build", str(one_process_builds.sources["toy"]), str(toy),
                                        *build_flags(tiny_models)])

@@ -714,7 +714,7 @@ def task_plan_parquet(args: dict) -> dict:
     from shardkit.build import caption_window_size
     from shardkit.buckets import BucketTable
     from shardkit.plan import Planner
-    from shardkit.planfile import Batching, make_plan
+    from shardkit.planfile import Batching, gather_shards, make_plan
     from shardkit.sources import iter_records, resolve_source
     from synth import make_parquet
 
@@ -722,8 +722,8 @@ def task_plan_parquet(args: dict) -> dict:
     config, encoders = _load(args["config"])
     _stub_encoders(encoders)
     before = _rss()
-    planner = Planner(config, BucketTable(config.resolution), encoders.t5.tokenize, encoders.vae.feature_shape,
-                      encoders.t5.hidden_size)
+    table = BucketTable(config.resolution)
+    planner = Planner(config, table, encoders.t5.tokenize, encoders.vae.feature_shape, encoders.t5.hidden_size)
     identities = {"vae": encoders.vae.identity.content_json(), "t5": encoders.t5.identity.content_json()}
     batching = Batching(vae_batch=config.batch_size, caption_window=caption_window_size(config),
                         t5_batch=config.t5_batch_size)
@@ -739,6 +739,19 @@ def task_plan_parquet(args: dict) -> dict:
                   peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10,
                   rss_after_mib=after / 2**20, rss_after_trim_mib=_rss() / 2**20,
                   index_mib=planner.index_bytes / 2**20, source_bytes=source.stat().st_size)
+    # A lone worker's first build stage: every shard of the plan gathered again from SOURCE, each
+    # held (its records' image bytes included) until its last record is read. RSS is sampled as
+    # each shard completes, when what is held is largest.
+    gather_start_rss = peak = _rss()
+    start = CpuClock.now()
+    gathered = 0
+    for shard in gather_shards(iter_records(resolve_source(str(source)), config.captions), plan,
+                               range(len(plan.shards)), table, planner.replan):
+        gathered += len(shard.records)
+        peak = max(peak, _rss())
+    gather = CpuClock.now().since(start)
+    result.update(gathered=gathered, gather_records_per_s=gathered / gather["wall_s"],
+                  gather_growth_mib=(peak - gather_start_rss) / 2**20)
     return result
 
 

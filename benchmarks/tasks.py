@@ -99,7 +99,7 @@ def task_build(args: dict) -> dict:
     if args.get("plain_gpu_layout"):  # GPU A/B: NCHW tensors and pageable host-to-device copies
         import torch
 
-        encoders.vae.channels_last = encoders.vae.pinned_copies = False
+        encoders.vae.channels_last = False
         encoders.vae.model.to(memory_format=torch.contiguous_format)
     out = _fresh(args["out"])
     with GpuMonitor(config.device == "cuda") as gpu:

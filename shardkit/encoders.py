@@ -329,11 +329,7 @@ class VaeEncoder:
         except Exception as exc:  # hub, file and format errors all mean "this is not a usable VAE"
             raise load_error("VAE", config.vae, "--vae (and --vae-subfolder)", exc) from None
         self.model.to(device).eval().requires_grad_(False)
-        # GPU only: cuDNN's convolutions are fastest on NHWC tensors under half precision, and
-        # page-locked input copies overlap with compute (measured on CPU: channels-last no gain).
-        self.channels_last = self.pinned_copies = device.type == "cuda"
-        if self.channels_last:
-            self.model.to(memory_format=torch.channels_last)
+        self.channels_last = use_channels_last(self.model, device)
         model_config = dict(self.model.config)
         local = Path(config.vae) / (config.vae_subfolder or "")
         self.identity = EncoderIdentity(
@@ -363,18 +359,31 @@ class VaeEncoder:
 
     def _encode(self, pixels: torch.Tensor) -> list[np.ndarray]:
         with torch.inference_mode():
-            if self.pinned_copies:
-                pixels = pixels.pin_memory().to(self.device, non_blocking=True)
-            x = to_model_input(pixels.to(self.device)).to(self.weights_dtype)
-            # The pixels arrive as an NHWC view. cuDNN is fastest on NHWC; on a CPU the channels-last
-            # GroupNorm kernel is far less exact (up to 4e-5 of the largest latent value on the tiny
-            # VAE against 3e-6 from NCHW, fp64 as the reference), so NCHW there.
-            x = x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+            x = vae_input(pixels, self.device, self.weights_dtype, self.channels_last)
             with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float16,
                                 enabled=self.autocast_dtype is not None):
                 posterior = self.model.encode(x).latent_dist
                 features = torch.cat([posterior.mean, posterior.std], dim=1)
             return [to_store_array(features, self.store_dtype)]
+
+
+def use_channels_last(model: torch.nn.Module, device: torch.device) -> bool:
+    """GPU only: cuDNN's convolutions are fastest on NHWC tensors under half precision, and
+    page-locked input copies overlap with compute (measured on CPU: channels-last no gain)."""
+    if device.type != "cuda":
+        return False
+    model.to(memory_format=torch.channels_last)
+    return True
+
+
+def vae_input(pixels: torch.Tensor, device: torch.device, dtype: torch.dtype, channels_last: bool) -> torch.Tensor:
+    """uint8 [B, H, W, 3] (an NHWC view) -> the VAE's input on ``device``. On a CPU it is made
+    NCHW: the channels-last GroupNorm kernel is far less exact there (up to 4e-5 of the largest
+    latent value on the tiny VAE against 3e-6 from NCHW, fp64 as the reference)."""
+    if channels_last:
+        pixels = pixels.pin_memory().to(device, non_blocking=True)
+    x = to_model_input(pixels.to(device)).to(dtype)
+    return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
 class T5Encoder:

@@ -14,9 +14,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from ..encoders import _split_on_oom, to_store_array, vae_precision
+from ..encoders import _split_on_oom, to_store_array, use_channels_last, vae_input, vae_precision
 from ..errors import ShardkitError
-from ..images import to_model_input
 from .base import component_class, load_component
 
 # VAE class -> (what is stored, the config field whose length sets the downsampling).
@@ -67,6 +66,7 @@ class PipelineVae:
         self.weights_dtype, self.autocast_dtype = vae_precision(dtype, device, bool(config.get("force_upcast", True)))
         self.model = load_component(source, index, "vae", self.weights_dtype).to(device).eval().requires_grad_(False)
         self.device, self.store_dtype = device, store_dtype
+        self.channels_last = use_channels_last(self.model, device)
 
     def encode(self, pixels: torch.Tensor) -> np.ndarray:
         """uint8 [B, H, W, 3] -> the stored latents [B, C or 2C, H/f, W/f] in the store dtype."""
@@ -75,7 +75,7 @@ class PipelineVae:
 
     def _encode(self, pixels: torch.Tensor) -> list[np.ndarray]:
         with torch.inference_mode():
-            x = to_model_input(pixels.to(self.device)).to(self.weights_dtype)
+            x = vae_input(pixels, self.device, self.weights_dtype, self.channels_last)
             with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float16,
                                 enabled=self.autocast_dtype is not None):
                 encoded = self.model.encode(x)

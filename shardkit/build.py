@@ -18,6 +18,7 @@ import concurrent.futures as futures
 import contextlib
 import errno
 import logging
+import math
 import os
 import re
 import shutil
@@ -540,7 +541,8 @@ class BuildJob:
         return plan
 
     def _with_empty_caption(self, planned: bool, rendezvous: bool) -> SampleFormat:
-        """The declaration plus the empty caption's T5 encoding, stored once in OUTPUT.
+        """The declaration plus the empty caption's encoding, stored once in OUTPUT: T5's rows, or
+        each member a caption of the pipeline has.
 
         Whoever plans (rank 0 of a rendezvous, the Ray driver, a lone process) stores it before
         the plan. Once planned it is kept while it is whole, so it stays byte-identical however
@@ -548,34 +550,46 @@ class BuildJob:
         encoded and stored again. Ranks that waited for rank 0 take what it stored.
         """
         declared = self.header.declaration()
-        if self.encoders.family is not None:
-            return declared  # a pipeline build stores no empty caption (yet): caption dropout is the trainer's
+        text = self.encoders.t5
+        names = ["t5"] if self.encoders.family is None else [member.name for member in text.members]
         if planned:
-            kept = self._stored_empty_caption(declared, follows_rank0=rendezvous and self.ranks.rank != 0)
-            if kept is not None:
-                return replace(declared, empty_captions={"t5": kept})
-        ids = np.asarray(self.encoders.t5.tokenize(""), dtype=np.int32)
-        feature = self.encoders.t5.encode([ids], 1)[0]
-        if not np.isfinite(feature).all():
-            raise ShardkitError(non_finite_detail("the empty caption's T5 encoding", self.encoders, self.config))
-        payload = npy_bytes(feature)
-        entry = EmptyCaption.of("t5", payload)
-        self.storage.write_atomic(entry.path, payload)
-        return replace(declared, empty_captions={"t5": entry})
+            follows_rank0 = rendezvous and self.ranks.rank != 0
+            kept = {name: self._stored_empty_caption(name, declared, follows_rank0) for name in names}
+            if all(entry is not None for entry in kept.values()):
+                return replace(declared, empty_captions=kept)
+        if self.encoders.family is None:
+            encoded = {"t5": text.encode([np.asarray(text.tokenize(""), dtype=np.int32)], 1)[0]}
+        else:
+            encoded = dict(self.encoders.family.encode_captions([""], 1)[0])
+        entries = {}
+        for name in names:
+            if not np.isfinite(encoded[name]).all():
+                raise ShardkitError(non_finite_detail(f"the empty caption's {name} encoding", self.encoders,
+                                                      self.config))
+            payload = npy_bytes(encoded[name])
+            entries[name] = EmptyCaption.of(name, payload)
+            self.storage.write_atomic(entries[name].path, payload)
+        return replace(declared, empty_captions=entries)
 
-    def _stored_empty_caption(self, declared: SampleFormat, follows_rank0: bool) -> EmptyCaption | None:
-        """The stored empty caption when it is whole, checked against the earlier manifest's
-        declaration (its sha256) when there is one, else against the build's caption shape; None
-        when it must be encoded again. Ranks that follow rank 0 check the file rank 0 just stored."""
+    def _stored_empty_caption(self, name: str, declared: SampleFormat, follows_rank0: bool) -> EmptyCaption | None:
+        """The stored empty caption ``name`` when it is whole, checked against the earlier
+        manifest's declaration (its sha256) when there is one, else against the build's caption
+        shape; None when it must be encoded again. Ranks that follow rank 0 check the file rank 0
+        just stored."""
         try:
             listed = None if follows_rank0 or self.previous is None else \
-                self.previous.declaration().empty_captions.get("t5")
+                self.previous.declaration().empty_captions.get(name)
         except ShardkitError:
             listed = None
-        path = f"{EMPTY_CAPTION_FOLDER}/t5.npy"
+        path = f"{EMPTY_CAPTION_FOLDER}/{name}.npy"
         itemsize = np.dtype(declared.store_dtype).itemsize
-        limit = (listed.max_bytes if listed is not None
-                 else NPY_HEADER_BYTES + declared.params["max_length"] * declared.params["D"] * itemsize)
+        if listed is not None:
+            limit = listed.max_bytes
+        elif declared.pipeline is not None:
+            spec = declared.caption_member_spec(name)
+            limit = NPY_HEADER_BYTES + itemsize * math.prod(high for _, high in declared.shape_rule(spec, (0, 0)))
+        else:
+            limit = NPY_HEADER_BYTES + declared.params["max_length"] * declared.params["D"] * itemsize
         try:
             size = self.storage.size(path)
             if size is None:
@@ -585,7 +599,7 @@ class BuildJob:
             if size > limit:
                 raise ShardFormatError(f"it is {size} bytes, more than its shape needs")
             payload = self.storage.read_bytes(path)
-            entry = listed if listed is not None else EmptyCaption.of("t5", payload)
+            entry = listed if listed is not None else EmptyCaption.of(name, payload)
             load_empty_caption(entry, payload, declared)
             return entry
         except (OSError, ShardFormatError) as exc:

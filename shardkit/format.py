@@ -16,9 +16,10 @@ before the declaration existed gets the same declaration derived from its config
 Arrays are stored as ``.npy`` and loaded without pickle, their header checked before any data is
 touched.
 
-Beside the samples, a build stores the encoding of the empty caption ``""`` once per text
-encoder (``OUTPUT/empty_caption/t5.npy``: its valid rows ``[L, D]``, stored as every caption is):
-trainers that drop captions swap it in. The declaration names it (``EmptyCaption``: path, dtype,
+Beside the samples, a build stores the encoding of the empty caption ``""`` once
+(``OUTPUT/empty_caption/t5.npy``: its valid rows ``[L, D]``; a --pipeline build one file per
+member of a caption, ``empty_caption/prompt_embeds.npy`` and so on), stored as every caption
+is: trainers that drop captions swap it in. The declaration names it (``EmptyCaption``: path, dtype,
 shape, sha256), and ``load_empty_caption`` checks it against that before it is used.
 """
 
@@ -112,13 +113,14 @@ class MemberSpec:
 
 @dataclass(frozen=True)
 class EmptyCaption:
-    """The stored encoding of the empty caption for one text encoder (``encoder``: ``t5``): a
-    file of OUTPUT, its valid rows ``[length, D]`` in the store dtype, and its sha256."""
+    """The stored encoding of the empty caption, one file of OUTPUT in the store dtype with its
+    sha256: for ``t5`` its valid rows ``[length, D]``; in a --pipeline build one file per member
+    a caption has (``prompt_embeds``, ``pooled_prompt_embeds``, ...), as every caption is stored."""
 
-    encoder: str
+    encoder: str  # "t5", or the pipeline member it stands for
     path: str  # relative to OUTPUT
     dtype: str
-    shape: tuple[int, int]
+    shape: tuple[int, ...]
     sha256: str
 
     @property
@@ -131,14 +133,20 @@ class EmptyCaption:
         return NPY_HEADER_BYTES + math.prod(self.shape) * np.dtype(self.dtype).itemsize
 
     def as_json(self) -> dict[str, Any]:
-        return {"path": self.path, "dtype": self.dtype, "shape": list(self.shape), "length": self.length,
-                "sha256": self.sha256, "made_by": f"{self.encoder}: valid token rows of the empty caption \"\""}
+        made_by = (f"{self.encoder}: valid token rows of the empty caption \"\"" if self.encoder == "t5" else
+                   f"{self.encoder} of the empty caption \"\", encoded as every caption of the build")
+        data = {"path": self.path, "dtype": self.dtype, "shape": list(self.shape), "sha256": self.sha256,
+                "made_by": made_by}
+        if len(self.shape) == 2:
+            data["length"] = self.length
+        return data
 
     @classmethod
     def from_json(cls, encoder: str, data: dict[str, Any]) -> "EmptyCaption":
         shape = tuple(int(d) for d in data["shape"])
-        if len(shape) != 2 or int(data["length"]) != shape[0] or not re.fullmatch(r"[0-9a-f]{64}", str(data["sha256"])):
-            raise ValueError(f"empty caption {encoder!r} has shape {list(shape)} and length {data['length']!r}")
+        if (not 1 <= len(shape) <= 2 or (len(shape) == 2 and int(data["length"]) != shape[0])
+                or not re.fullmatch(r"[0-9a-f]{64}", str(data["sha256"]))):
+            raise ValueError(f"empty caption {encoder!r} has shape {list(shape)} and length {data.get('length')!r}")
         return cls(encoder=str(encoder), path=safe_relative_path(data["path"], "the empty caption's path"),
                    dtype=str(np.dtype(data["dtype"])), shape=shape, sha256=data["sha256"])
 
@@ -190,6 +198,11 @@ class SampleFormat:
             if _field_pattern(member.name).fullmatch(suffix):
                 return member
         return None
+
+    def caption_member_spec(self, member: str) -> MemberSpec | None:
+        """A pipeline build's declaration of ``member`` (``prompt_embeds``, ...) of every caption field."""
+        name = family_member("{field}", member)
+        return next((spec for spec in self.text_members if spec.name == name), None)
 
     def field_members(self, field: str) -> list[tuple[str, MemberSpec]]:
         """(member name, its spec) of each array stored for caption field ``field``."""
@@ -536,7 +549,7 @@ def read_npy(payload: bytes | memoryview, what: str) -> np.ndarray:
 
 
 def load_empty_caption(declared: EmptyCaption, payload: bytes, fmt: SampleFormat) -> np.ndarray:
-    """The stored empty-caption encoding ``[L, D]``, once its bytes match the declared sha256 and
+    """The stored empty-caption encoding (``[L, D]`` for T5, a member's shape in a pipeline build), once its bytes match the declared sha256 and
     it is a finite array of the declared dtype and shape that fits the build's captions; else a
     ShardFormatError that says what is wrong (callers name the file)."""
     digest = hashlib.sha256(payload).hexdigest()
@@ -546,10 +559,20 @@ def load_empty_caption(declared: EmptyCaption, payload: bytes, fmt: SampleFormat
     if str(array.dtype) != declared.dtype or declared.dtype != fmt.store_dtype:
         raise ShardFormatError(f"it is {array.dtype}, the manifest says {declared.dtype} and the build stores "
                                f"{fmt.store_dtype}")
-    hidden, max_length = fmt.params["D"], fmt.params["max_length"]
-    if array.shape != declared.shape or array.shape[1:] != (hidden,) or not 1 <= array.shape[0] <= max_length:
-        raise ShardFormatError(f"it is {list(array.shape)}, the manifest says {list(declared.shape)}; captions "
-                               f"of this build are [L, {hidden}] with 1 <= L <= {max_length}")
+    if fmt.pipeline is not None:
+        spec = fmt.caption_member_spec(declared.encoder)
+        if spec is None:
+            raise ShardFormatError(f"the build's captions have no member {declared.encoder!r}")
+        bounds = fmt.shape_rule(spec, (0, 0))  # caption members do not depend on the bucket
+        if array.shape != declared.shape or array.ndim != len(bounds) or \
+                not all(low <= d <= high for d, (low, high) in zip(array.shape, bounds)):
+            raise ShardFormatError(f"it is {list(array.shape)}, the manifest says {list(declared.shape)}; "
+                                   f"{declared.encoder} of this build is {list(spec.shape)}")
+    else:
+        hidden, max_length = fmt.params["D"], fmt.params["max_length"]
+        if array.shape != declared.shape or array.shape[1:] != (hidden,) or not 1 <= array.shape[0] <= max_length:
+            raise ShardFormatError(f"it is {list(array.shape)}, the manifest says {list(declared.shape)}; captions "
+                                   f"of this build are [L, {hidden}] with 1 <= L <= {max_length}")
     if not np.isfinite(array).all():
         raise ShardFormatError("it holds NaN or Inf values")
     return array

@@ -101,18 +101,7 @@ def test_every_sample_is_what_the_pipeline_computes(family, built, dataset):
     assert sorted(caption for batch in batches for caption in batch["captions"]) == sorted(pixels)
     shift, scale = pipe.vae.config.get("shift_factor") or 0.0, pipe.vae.config.scaling_factor
     for batch, scaled in zip(batches, normalized):
-        reference = pipeline_reference(family, pipe, batch["captions"])
-        assert set(reference) <= set(batch)
-        for key, expected in reference.items():
-            assert batch[key].shape == expected.shape, key
-        mask = reference.get("prompt_attention_mask")
-        if mask is not None:
-            assert torch.equal(batch["prompt_attention_mask"], mask)
-            close_in_fp16(batch["prompt_embeds"][mask.bool()], reference["prompt_embeds"][mask.bool()])
-        else:
-            close_in_fp16(batch["prompt_embeds"], reference["prompt_embeds"])
-        for key in set(reference) - {"prompt_embeds", "prompt_attention_mask"}:
-            close_in_fp16(batch[key], reference[key])
+        assert_encode_prompt_outputs(batch, pipeline_reference(family, pipe, batch["captions"]))
 
         images = torch.from_numpy(np.stack([pixels[caption] for caption in batch["captions"]]))
         with torch.no_grad():
@@ -125,6 +114,64 @@ def test_every_sample_is_what_the_pipeline_computes(family, built, dataset):
             sizes = [list(pixels[caption].shape[:2]) for caption in batch["captions"]]
             assert batch["original_size"].tolist() == sizes and batch["target_size"].tolist() == sizes
             assert batch["crop_coords_top_left"].tolist() == [[0, 0]] * len(sizes)
+
+
+def assert_encode_prompt_outputs(batch: dict, reference: dict) -> None:
+    """The batch holds the pipeline's ``encode_prompt`` outputs: equal within fp16 rounding where
+    its mask marks a token valid (everywhere where it returns no mask), the masks equal."""
+    assert set(reference) <= set(batch)
+    for key, expected in reference.items():
+        assert batch[key].shape == expected.shape, key
+    mask = reference.get("prompt_attention_mask")
+    if mask is not None:
+        assert torch.equal(batch["prompt_attention_mask"], mask)
+        close_in_fp16(batch["prompt_embeds"][mask.bool()], reference["prompt_embeds"][mask.bool()])
+    else:
+        close_in_fp16(batch["prompt_embeds"], reference["prompt_embeds"])
+    for key in set(reference) - {"prompt_embeds", "prompt_attention_mask"}:
+        close_in_fp16(batch[key], reference[key])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_caption_dropout_gives_the_pipelines_encoding_of_the_empty_caption(family, built):
+    folder, _, whole = built(family)
+    pipe = load_pipeline(folder)
+    dropped = list(ShardReader(whole, 2, latent="mean", shuffle=False, caption_dropout=1.0))
+    kept = list(ShardReader(whole, 2, latent="mean", shuffle=False))
+    assert [b["keys"] for b in dropped] == [b["keys"] for b in kept]
+    for batch, original in zip(dropped, kept):
+        assert batch["captions"] == [""] * len(batch["keys"])
+        assert_encode_prompt_outputs(batch, pipeline_reference(family, pipe, batch["captions"]))
+        for name in set(original) - {"captions", "keys"} - set(pipeline_reference(family, pipe, [""])):
+            assert torch.equal(batch[name], original[name]), name  # latents, SDXL's sizes and crop: unchanged
+
+
+def test_the_empty_caption_of_a_pipeline_build_is_verified_and_stored_again(built, dataset, tmp_path):
+    import shutil
+
+    from shardkit.errors import ShardkitError
+
+    folder, _, whole = built("flux")
+    output = tmp_path / "copy"
+    shutil.copytree(whole, output)
+    stored = {p.name: p.read_bytes() for p in (output / "empty_caption").iterdir()}
+    assert set(stored) == {"prompt_embeds.npy", "pooled_prompt_embeds.npy"}
+    damaged = output / "empty_caption" / "pooled_prompt_embeds.npy"
+    damaged.write_bytes(stored["pooled_prompt_embeds.npy"][:-2] + b"\x00\x7c")  # fp16 inf
+    result = cli("inspect", output, "--verify", "--json", "--no-progress")
+    assert result.exit_code == 1
+    assert "bad_empty_caption" in {finding["kind"] for finding in json.loads(result.output)["findings"]}
+    with pytest.raises(ShardkitError, match="empty caption"):
+        ShardReader(output, 1, caption_dropout=0.5)
+    again = cli(*build_args(dataset[0], output, folder))
+    assert again.exit_code == 0, again.output
+    assert {p.name: p.read_bytes() for p in (output / "empty_caption").iterdir()} == stored
+
+    manifest = json.loads((output / "manifest.json").read_text())
+    del manifest["sample_format"]["empty_captions"]
+    (output / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ShardkitError, match=r"stores no empty caption \(prompt_embeds, pooled_prompt_embeds\)"):
+        ShardReader(output, 1, caption_dropout=0.5)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -174,8 +221,6 @@ def test_what_a_pipeline_build_cannot_give_is_refused_in_one_line(built):
     _, _, whole = built("sdxl")
     with pytest.raises(ShardkitError, match="layout='diffusers'"):
         ShardReader(whole, 1, layout="tuple")
-    with pytest.raises(ShardkitError, match="stores none"):
-        ShardReader(whole, 1, caption_dropout=0.1)
 
 
 @pytest.mark.parametrize("preset, family, resolution", [

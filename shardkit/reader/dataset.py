@@ -102,7 +102,9 @@ class ShardReader(IterableDataset):
             ``real_prompt_ratio``); the second field is used otherwise, where the sample has it.
         caption_dropout: probability, per sample and epoch, of swapping its caption for the
             build's stored encoding of the empty caption (prompt ``""``); needs a build that
-            stores it (``shardkit build`` writes ``OUTPUT/empty_caption/t5.npy``).
+            stores it (``shardkit build`` writes ``OUTPUT/empty_caption/t5.npy``; a ``--pipeline``
+            build one file per member of a caption, so ``prompt_embeds``, the mask and the pooled
+            embeddings all become the pipeline's encoding of ``""``).
         layout: ``"tuple"``, ``"dict"`` or ``"diffusers"``; default ``"diffusers"`` for a
             ``--pipeline`` build, ``"tuple"`` otherwise.
         normalize: with ``layout="diffusers"``, latents as the transformer takes them.

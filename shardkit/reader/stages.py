@@ -63,7 +63,8 @@ class SampleDecoder:
 
     Caption dropout: with probability ``caption_dropout``, drawn per (seed, epoch, key), a
     sample's caption is the empty one: its features are ``empty_caption`` (the build's stored
-    encoding of ``""``, ``[L, D]``), its prompt and caption field ``""``."""
+    encoding of ``""``: ``[L, D]``, or a --pipeline build's members by name), its prompt and
+    caption field ``""``."""
 
     caption_fields: tuple[str, ...]
     real_prompt_ratio: float = 1.0
@@ -71,13 +72,17 @@ class SampleDecoder:
     sample_format: SampleFormat | None = None
     source: int = 0  # stamped on every sample it decodes
     caption_dropout: float = 0.0
-    empty_caption: np.ndarray | None = None
+    empty_caption: np.ndarray | dict[str, np.ndarray] | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.caption_dropout <= 1.0:
             raise ShardkitError(f"caption_dropout must be within [0, 1], got {self.caption_dropout}")
-        if self.caption_dropout > 0 and (self.empty_caption is None or self.empty_caption.ndim != 2):
-            raise ShardkitError("caption_dropout needs empty_caption, the [L, D] encoding of the empty caption")
+        pipeline = self.sample_format is not None and self.sample_format.pipeline is not None
+        fits = isinstance(self.empty_caption, dict) if pipeline else \
+            isinstance(self.empty_caption, np.ndarray) and self.empty_caption.ndim == 2
+        if self.caption_dropout > 0 and not fits:
+            raise ShardkitError("caption_dropout needs empty_caption, the encoding of the empty caption ([L, D] for "
+                                "T5, the members by name for a --pipeline build)")
 
     def caption_draw(self, key: str, epoch: int) -> float:
         """The sample's draw for ``choose_caption_field``; with one field, or a ratio of 0 or 1,
@@ -128,8 +133,12 @@ class SampleDecoder:
                                    f"its .json says {meta.get('latent_shape')} ([2C, h, w])")
         height, width = meta["original_hw"]
         if self.dropped(raw.key, epoch):
+            feature, text = self.empty_caption, None
+            if isinstance(feature, dict):
+                text = {**feature, **self._micro_conditioning(meta)}
+                feature = next(iter(feature.values()))
             return DecodedSample(key=raw.key, bucket=meta["bucket"], original_hw=(height, width), moments=moments,
-                                 caption_field="", prompt="", caption_feature=self.empty_caption, source=self.source)
+                                 caption_field="", prompt="", caption_feature=feature, source=self.source, text=text)
         available = [name for name in meta["t5_fields"]
                      if all(member in raw.members for member in self.field_members(name))]
         chosen = choose_caption_field(self.caption_fields, available, self.real_prompt_ratio,
@@ -162,10 +171,14 @@ class SampleDecoder:
                 raise ShardFormatError(f"sample {key!r}: {name} is {list(array.shape)}, the build declares "
                                        f"{list(spec.shape)}")
             text[name[len(chosen) + 1:-len(".npy")]] = array
-        if fmt.micro_conditioning:
-            text.update({name: np.asarray(meta["micro_conditioning"][name], dtype=np.int32)
-                         for name in MICRO_CONDITIONING})
+        text.update(self._micro_conditioning(meta))
         return text
+
+    def _micro_conditioning(self, meta: dict) -> dict[str, np.ndarray]:
+        """SDXL's sizes and crop of the sample, from its metadata record (the caption does not change them)."""
+        if self.sample_format is None or not self.sample_format.micro_conditioning:
+            return {}
+        return {name: np.asarray(meta["micro_conditioning"][name], dtype=np.int32) for name in MICRO_CONDITIONING}
 
 
 def shuffled(items: Iterator[Any], buffer_size: int, rng: random.Random) -> Iterator[Any]:

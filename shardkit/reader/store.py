@@ -24,7 +24,7 @@ from typing import Any, BinaryIO, Callable, Iterable, Iterator, Sequence
 from ..errors import ShardFormatError, ShardIntegrityError, ShardkitError, ShardReadError
 import numpy as np
 
-from ..format import SampleFormat, load_empty_caption, member_bounds, parse_metadata, safe_relative_path
+from ..format import EmptyCaption, SampleFormat, load_empty_caption, member_bounds, parse_metadata, safe_relative_path
 from ..manifest import MANIFEST_NAME, Manifest, parse_manifest
 from ..storage import Retry, is_transient, is_url, join_url, local_path, open_read, read_url_bytes
 from ..tario import TarSample, iter_tar_samples
@@ -309,21 +309,28 @@ def _from_manifest(location: str, store: ShardStore) -> ResolvedBuild:
     return ResolvedBuild(shards=shards, manifest=manifest, location=location)
 
 
-def empty_caption(resolved: ResolvedBuild, store: ShardStore, encoder: str = "t5") -> np.ndarray:
-    """The build's stored encoding of the empty caption ``[L, D]`` (checked against its manifest),
-    or one ShardkitError that says what to do."""
+def empty_caption(resolved: ResolvedBuild, store: ShardStore) -> np.ndarray | dict[str, np.ndarray]:
+    """The build's stored encoding of the empty caption, checked against its manifest: T5's rows
+    ``[L, D]``, or for a --pipeline build each member a caption has, by name
+    (``{"prompt_embeds": ..., "pooled_prompt_embeds": ...}``); else one ShardkitError that says what to do."""
     if resolved.manifest is None:
         raise ShardkitError("caption_dropout needs the build's stored empty caption: pass the build folder or its "
                             "manifest.json, not a list of shards")
     fmt = resolved.manifest.declaration()
-    declared = fmt.empty_captions.get(encoder)
-    if declared is None and fmt.pipeline is not None:
-        raise ShardkitError("caption_dropout needs a stored empty caption, and a --pipeline build stores none; "
-                            "drop captions in the training step instead (the pipeline's encoding of \"\")")
-    if declared is None:
-        raise ShardkitError(f"the build at {resolved.location} stores no empty caption (it was made before shardkit "
-                            f"stored one); run the same `shardkit build SOURCE OUTPUT` again: it keeps every shard "
-                            f"and adds it")
+    names = ["t5"] if fmt.pipeline is None else \
+        [m["name"] for m in fmt.pipeline.get("members", ()) if m.get("dtype") == "store"]
+    missing = [name for name in names if name not in fmt.empty_captions]
+    if missing:
+        which = f" ({', '.join(missing)})" if fmt.pipeline is not None else ""
+        raise ShardkitError(f"the build at {resolved.location} stores no empty caption{which} (it was made before "
+                            f"shardkit stored one); run the same `shardkit build SOURCE OUTPUT` again: it keeps every "
+                            f"shard and adds it")
+    arrays = {name: _read_empty_caption(resolved, store, fmt, fmt.empty_captions[name]) for name in names}
+    return arrays["t5"] if fmt.pipeline is None else arrays
+
+
+def _read_empty_caption(resolved: ResolvedBuild, store: ShardStore, fmt: SampleFormat,
+                        declared: EmptyCaption) -> np.ndarray:
     url = join_url(_folder_of(resolved.location), declared.path)
 
     def read() -> bytes:

@@ -358,13 +358,24 @@ class VaeEncoder:
         return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
 
     def _encode(self, pixels: torch.Tensor) -> list[np.ndarray]:
-        with torch.inference_mode():
-            x = vae_input(pixels, self.device, self.weights_dtype, self.channels_last)
-            with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float16,
-                                enabled=self.autocast_dtype is not None):
-                posterior = self.model.encode(x).latent_dist
-                features = torch.cat([posterior.mean, posterior.std], dim=1)
-            return [to_store_array(features, self.store_dtype)]
+        return vae_features(self, pixels, "mean_std")
+
+
+def vae_features(vae, pixels: torch.Tensor, stored: str) -> list[np.ndarray]:
+    """uint8 [B, H, W, 3] -> [what a build stores of ``vae``'s encoding, in its store dtype]:
+    ``stored`` ``"mean_std"`` is the posterior's mean and std concatenated on channels, ``"latent"``
+    a deterministic latent (DC-AE). ``vae`` has ``model``, ``device``, ``weights_dtype``,
+    ``autocast_dtype``, ``channels_last`` and ``store_dtype``."""
+    with torch.inference_mode():
+        x = vae_input(pixels, vae.device, vae.weights_dtype, vae.channels_last)
+        with torch.autocast(vae.device.type, dtype=vae.autocast_dtype or torch.float16,
+                            enabled=vae.autocast_dtype is not None):
+            encoded = vae.model.encode(x)
+            if stored == "latent":
+                features = encoded.latent
+            else:
+                features = torch.cat([encoded.latent_dist.mean, encoded.latent_dist.std], dim=1)
+        return [to_store_array(features, vae.store_dtype)]
 
 
 def use_channels_last(model: torch.nn.Module, device: torch.device) -> bool:

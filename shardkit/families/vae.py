@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from ..encoders import _split_on_oom, to_store_array, use_channels_last, vae_input, vae_precision
+from ..encoders import _split_on_oom, use_channels_last, vae_features, vae_precision
 from ..errors import ShardkitError
 from .base import component_class, load_component
 
@@ -74,13 +74,4 @@ class PipelineVae:
         return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
 
     def _encode(self, pixels: torch.Tensor) -> list[np.ndarray]:
-        with torch.inference_mode():
-            x = vae_input(pixels, self.device, self.weights_dtype, self.channels_last)
-            with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float16,
-                                enabled=self.autocast_dtype is not None):
-                encoded = self.model.encode(x)
-                if self.spec.stored == "latent":
-                    features = encoded.latent
-                else:
-                    features = torch.cat([encoded.latent_dist.mean, encoded.latent_dist.std], dim=1)
-            return [to_store_array(features, self.store_dtype)]
+        return vae_features(self, pixels, self.spec.stored)

@@ -646,8 +646,8 @@ class BuildJob:
 
     def shards_of(self, positions: list[int]) -> Iterator[ShardPlan]:
         """The shards at ``positions``, their records read again from SOURCE."""
-        return gather_shards(self.records(), self.plan, positions, self.table,
-                             self._planner().replan)
+        return gather_shards(self.records(), self.plan, positions, self.table, self._planner().replan,
+                             self.config.gather_memory, self.config.staging_dir)
 
     # ---- the pipeline --------------------------------------------------------------------
     def run(self, progress: Callable[[int], None], group: RankGroup | None = None) -> BuildSummary:

@@ -107,7 +107,11 @@ def _csv(_ctx, _param, value):
 @click.option("--endpoint-url", default=None,
               help="S3-compatible endpoint for s3:// SOURCE and OUTPUT. [default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, else AWS]")
 @click.option("--staging-dir", default=None,
-              help="Local folder where shards bound for object storage are written before their upload. [default: the system temp folder]")
+              help="Local folder where shards bound for object storage are written before their upload, and where "
+                   "images from tar and Parquet sources wait past --gather-memory. [default: the system temp folder]")
+@click.option("--gather-memory", type=int, default=None,
+              help="Most bytes of tar and Parquet source images held in memory while shards are gathered; "
+                   "the rest wait in files under --staging-dir. [default: 1073741824]")
 @click.option("--storage-options", default=None,
               help="More fsspec options for s3:// (or other URL) SOURCE and OUTPUT, as JSON; never recorded. "
                    "Credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE.")

@@ -92,9 +92,13 @@ class BuildConfig:
     # environment (AWS_ACCESS_KEY_ID, AWS_PROFILE, ...), since the config is written to the manifest.
     endpoint_url: str | None = None
     staging_dir: str | None = None  # local folder where shards bound for object storage are written first
+    # Most bytes of source images (tar and Parquet sources) a worker holds while it gathers its
+    # shards' records; past it they wait in files under staging_dir until their shard is complete.
+    gather_memory: int = 1 << 30
 
     # Fields that do not affect the shards' content: a resume may change them freely.
-    RUNTIME_FIELDS = ("device", "workers", "encoder_streams", "progress", "endpoint_url", "staging_dir")
+    RUNTIME_FIELDS = ("device", "workers", "encoder_streams", "progress", "endpoint_url", "staging_dir",
+                      "gather_memory")
 
     def __post_init__(self) -> None:
         self.captions = tuple(self.captions)
@@ -128,6 +132,7 @@ class BuildConfig:
         for name in ("batch_size", "t5_batch_size", "shard_max_count", "shard_max_bytes"):
             require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         require(self.workers >= 0, f"workers must be >= 0, got {self.workers}")
+        require(self.gather_memory >= 0, f"gather_memory must be >= 0 bytes, got {self.gather_memory}")
         require(self.encoder_streams >= 0, f"encoder_streams must be >= 0 (0 = auto), got {self.encoder_streams}")
         if self.endpoint_url is not None:
             scheme, _, rest = self.endpoint_url.partition("://")

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import tempfile
 from array import array
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
@@ -189,13 +191,16 @@ def read_plan(storage: Storage) -> BuildPlan | None:
 
 
 def gather_shards(records: Iterable[Record], plan: BuildPlan, positions: Iterable[int], table: BucketTable,
-                  replan: Callable[[Record, Bucket], PlannedRecord]) -> Iterator[ShardPlan]:
+                  replan: Callable[[Record, Bucket], PlannedRecord], memory: int = 1 << 30,
+                  spill_dir: str | None = None) -> Iterator[ShardPlan]:
     """The shards at ``positions`` of the plan, with their records read again from SOURCE.
 
     One pass over the records, which stops once every wanted record is read; a shard is yielded as
     soon as its last record has been read, so only the shards still being gathered are held. The
     wanted indices wait in two flat arrays sorted by index (12 bytes a record, not a dict entry of
-    about 120): a lone worker wants every record of SOURCE.
+    about 120): a lone worker wants every record of SOURCE. Image bytes that records carry (tar and
+    Parquet sources) are held up to ``memory`` bytes; past it, the shard holding the most moves
+    its images to a file under ``spill_dir`` until it is complete.
     """
     shards = [plan.shards[position] for position in positions]
     wanted = np.concatenate([np.frombuffer(shard.records, dtype=np.int64) for shard in shards]
@@ -206,23 +211,85 @@ def gather_shards(records: Iterable[Record], plan: BuildPlan, positions: Iterabl
     del order
     gathered: dict[int, list[PlannedRecord]] = {}
     next_wanted = 0
-    for record in records:
-        if next_wanted == len(wanted):
-            return
-        index = int(wanted[next_wanted])
-        if record.index < index:
-            continue
-        if record.index > index:
-            break  # SOURCE no longer has a record the plan names
-        slot = int(owner[next_wanted])
-        next_wanted += 1
-        shard = shards[slot]
-        # A shard's records rise in source order, so each one read is the shard's next.
-        items = gathered.setdefault(slot, [])
-        items.append(replan(record, table[shard.bucket]))
-        if len(items) == len(shard.records):
-            del gathered[slot]
-            yield ShardPlan(bucket=table[shard.bucket], index=shard.index, records=items)
+    with _SpilledImages(memory, spill_dir) as images:
+        for record in records:
+            if next_wanted == len(wanted):
+                return
+            index = int(wanted[next_wanted])
+            if record.index < index:
+                continue
+            if record.index > index:
+                break  # SOURCE no longer has a record the plan names
+            slot = int(owner[next_wanted])
+            next_wanted += 1
+            shard = shards[slot]
+            # A shard's records rise in source order, so each one read is the shard's next.
+            items = gathered.setdefault(slot, [])
+            items.append(replan(record, table[shard.bucket]))
+            images.hold(slot, record, gathered)
+            if len(items) == len(shard.records):
+                del gathered[slot]
+                images.give_back(slot, items)
+                yield ShardPlan(bucket=table[shard.bucket], index=shard.index, records=items)
     if next_wanted < len(wanted):
         raise ShardkitError(f"SOURCE has no record {int(wanted[next_wanted])} of the plan: it changed since it was "
                             f"planned; build into a new OUTPUT, or pass --overwrite")
+
+
+class _SpilledImages:
+    """The image bytes of shards being gathered: in memory up to a budget, then in one file per
+    shard (the shard holding the most goes first), read back when the shard is complete."""
+
+    def __init__(self, budget: int, folder: str | None):
+        self.budget, self.folder = budget, folder
+        self.in_memory: dict[int, int] = {}  # slot -> bytes its records hold
+        self.total = 0
+        self.files: dict[int, Any] = {}  # slot -> its spill file
+        self.places: dict[int, list[tuple[int, int, int]]] = {}  # slot -> (place in the shard, offset, size)
+        self.temp: tempfile.TemporaryDirectory | None = None
+
+    def __enter__(self) -> "_SpilledImages":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for file in self.files.values():
+            file.close()
+        if self.temp is not None:
+            self.temp.cleanup()
+
+    def hold(self, slot: int, record: Record, gathered: dict[int, list[PlannedRecord]]) -> None:
+        size = len(record.image_bytes or b"")
+        if not size:
+            return
+        self.in_memory[slot] = self.in_memory.get(slot, 0) + size
+        self.total += size
+        while self.total > self.budget and self.in_memory:
+            largest = max(self.in_memory, key=self.in_memory.__getitem__)
+            self._spill(largest, gathered[largest])
+
+    def _spill(self, slot: int, items: list[PlannedRecord]) -> None:
+        if self.temp is None:
+            self.temp = tempfile.TemporaryDirectory(prefix="shardkit-gather-", dir=self.folder)
+        if slot not in self.files:
+            self.files[slot] = open(os.path.join(self.temp.name, f"{slot}.bin"), "w+b")
+        file, places = self.files[slot], self.places.setdefault(slot, [])
+        file.seek(0, os.SEEK_END)
+        for place, item in enumerate(items):
+            data = item.record.image_bytes
+            if data:
+                places.append((place, file.tell(), len(data)))
+                file.write(data)
+                item.record.image_bytes = None
+        self.total -= self.in_memory.pop(slot)
+
+    def give_back(self, slot: int, items: list[PlannedRecord]) -> None:
+        """The complete shard's images, all in memory again; its file is deleted."""
+        self.total -= self.in_memory.pop(slot, 0)
+        file = self.files.pop(slot, None)
+        if file is None:
+            return
+        with file:
+            for place, offset, size in self.places.pop(slot):
+                file.seek(offset)
+                items[place].record.image_bytes = file.read(size)
+        os.unlink(file.name)

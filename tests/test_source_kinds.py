@@ -217,6 +217,25 @@ def test_parquet_with_bytes_struct_and_path_columns(tmp_path, folder_build, make
         assert sample["source"]["aesthetic"] == 5.5 and sample["source"]["key"] == "000000002"
 
 
+def test_images_past_gather_memory_wait_on_disk_and_come_back_whole(tmp_path, make_config, encoders):
+    """--gather-memory 0: every image of a shard still being gathered waits in a file under
+    --staging-dir; the shards are the same bytes, and nothing is left behind."""
+    source = tmp_path / "laion.parquet"
+    pq.write_table(pa.table({**_rows(), "jpg": pa.array([_image_bytes(k) for k, *_ in IMAGES], pa.binary())}),
+                   source, row_group_size=2)
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    outputs = {}
+    for memory in (1 << 30, 0):
+        outputs[memory] = tmp_path / f"out-{memory}"
+        config = make_config(captions=("caption",), keep_images=True, gather_memory=memory, staging_dir=str(staging))
+        summary = build(str(source), outputs[memory], config, encoders=encoders)
+        assert summary.written == 5 and summary.skipped == 0
+    assert len(list((outputs[0] / "shards").glob("*.tar"))) > 1
+    assert _samples(outputs[0]) == _samples(outputs[1 << 30])
+    assert list(staging.iterdir()) == []
+
+
 def _by_caption_field(output: Path) -> dict[str, dict[str, bytes]]:
     return {json.loads(s["json"])["captions"]["caption"]: s for s in _samples(output).values()}
 

@@ -267,6 +267,27 @@ def test_a_t5_build_reads_in_the_diffusers_layout_too(toy_build):
     assert not batch["prompt_embeds"][~valid].any()  # zeros past the valid rows, as encode_prompt's
 
 
+@pytest.mark.timeout(600)
+def test_a_torchrun_launch_writes_the_bytes_of_one_process(built, dataset, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import child_env, output_files
+
+    folder, _, _ = built("sdxl")
+    outputs = {}
+    for processes in (1, 2):
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                    str(processes)] if processes > 1 else [sys.executable]
+        outputs[processes] = tmp_path / f"processes-{processes}"
+        command = [*launcher, "-m", "shardkit", *map(str, build_args(dataset[0], outputs[processes], folder))]
+        result = subprocess.run(command, capture_output=True, text=True, env=child_env(), timeout=500)
+        assert result.returncode == 0, result.stdout + result.stderr
+    assert "rank 1 of 2: done" in result.stdout
+    assert output_files(outputs[2]) == output_files(outputs[1])
+    assert (outputs[2] / "empty_caption" / "pooled_prompt_embeds.npy").is_file()
+
+
 def test_two_workers_write_the_bytes_of_one(built, dataset, tmp_path, monkeypatch):
     """Two ranks of a launch without a rendezvous (as Slurm array tasks run), one after the other."""
     folder, _, whole = built("sd3")

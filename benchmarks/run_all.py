@@ -646,12 +646,13 @@ def section_scale(ctx: Context) -> None:
                      1e6 * run["cpu_self_s"] / records, run["rss_before_mib"], run["peak_rss_mib"],
                      run["peak_rss_mib"] - run["rss_before_mib"], run["index_mib"],
                      run["rss_after_trim_mib"] - run["rss_before_mib"], run["plans"], run["plan_bytes"] / 2**20,
-                     run["gather_records_per_s"], run["gather_growth_mib"]])
+                     run["python_arenas_added"], run["gather_records_per_s"], run["gather_growth_mib"]])
     text = table(f"Planning a Parquet source at scale ({args.resolution}-px buckets, --no-images, encoders stubbed, "
                  f"one process)", ["records", "Parquet MiB", "records/s", "CPU µs/record", "RSS before planning (MiB)",
                                    "peak RSS (MiB)", "growth while planning (MiB)", "digest tables (MiB)",
                                    "growth left after malloc_trim (MiB)", "shard plans", "plan.json (MiB)",
-                                   "gathering every shard again: records/s", "RSS growth while gathering (MiB)"], rows)
+                                   "Python arenas added", "gathering every shard again: records/s",
+                                   "RSS growth while gathering (MiB)"], rows)
     report.add("scale", text, runs)
 
 

@@ -721,7 +721,7 @@ def task_plan_parquet(args: dict) -> dict:
     source = make_parquet(args["records"], Path(args["work"]))
     config, encoders = _load(args["config"])
     _stub_encoders(encoders)
-    before = _rss()
+    before, arenas_before = _rss(), _python_arenas()
     table = BucketTable(config.resolution)
     planner = Planner(config, table, encoders.t5.tokenize, encoders.vae.feature_shape, encoders.t5.hidden_size)
     identities = {"vae": encoders.vae.identity.content_json(), "t5": encoders.t5.identity.content_json()}
@@ -738,7 +738,8 @@ def task_plan_parquet(args: dict) -> dict:
                   records_per_s=planner.stats.records_read / result["wall_s"], rss_before_mib=before / 2**20,
                   peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10,
                   rss_after_mib=after / 2**20, rss_after_trim_mib=_rss() / 2**20,
-                  index_mib=planner.index_bytes / 2**20, source_bytes=source.stat().st_size)
+                  index_mib=planner.index_bytes / 2**20, source_bytes=source.stat().st_size,
+                  python_arenas_added=_python_arenas() - arenas_before)
     # A lone worker's first build stage: every shard of the plan gathered again from SOURCE, each
     # held (its records' image bytes included) until its last record is read. RSS is sampled as
     # each shard completes, when what is held is largest.
@@ -763,6 +764,28 @@ def _malloc_trim() -> None:
         ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
     except (OSError, AttributeError, TypeError):
         pass  # not glibc: the row then shows the heap as it is
+
+
+def _python_arenas() -> int:
+    """pymalloc's 1 MiB arenas in use: an arena stays while any small object in it lives."""
+    import gc
+    import os
+    import re
+    import sys
+    import tempfile
+
+    gc.collect()
+    with tempfile.TemporaryFile() as out:
+        saved = os.dup(2)
+        os.dup2(out.fileno(), 2)  # the statistics go to the C stderr
+        try:
+            sys._debugmallocstats()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        out.seek(0)
+        match = re.search(rb"# arenas allocated current +=\s+([\d,]+)", out.read())
+    return int(match.group(1).replace(b",", b"")) if match else -1
 
 
 def _rss() -> int:

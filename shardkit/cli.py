@@ -174,6 +174,8 @@ def build(source, output, preset, overwrite, resolution, storage_options, filter
         summary.merged = finish_ranks(job.ledger(), ranks, group)
     click.echo(format_build_summary(summary))
     _refuse_empty(summary)
+    global finished_rank_of_a_rendezvous
+    finished_rank_of_a_rendezvous = group is not None
     if ranks.distributed:
         if summary.merged is True:
             click.echo(f"{ranks.describe()}: done ({summary.shards_written} shards); rank 0 wrote the final manifest.json")
@@ -182,6 +184,13 @@ def build(source, output, preset, overwrite, resolution, storage_options, filter
         else:
             click.echo(f"{ranks.describe()}: done ({summary.shards_written} shards); other processes still write the "
                        f"rest: whichever finishes last writes the complete manifest.json")
+
+
+# Set once a rank that joined a rendezvous has finished and closed its group. The interpreter's
+# own teardown can then still abort the process from torch's gloo threads (std::terminate), after
+# every file is written and closed, and torchrun would report the finished launch as failed:
+# `python -m shardkit` leaves without that teardown.
+finished_rank_of_a_rendezvous = False
 
 
 def _exit_on_signal(signum, _frame) -> None:

@@ -550,14 +550,14 @@ class BuildJob:
         encoded and stored again. Ranks that waited for rank 0 take what it stored.
         """
         declared = self.header.declaration()
-        text = self.encoders.t5
-        names = ["t5"] if self.encoders.family is None else [member.name for member in text.members]
+        names = list(declared.empty_caption_specs)
         if planned:
             follows_rank0 = rendezvous and self.ranks.rank != 0
             kept = {name: self._stored_empty_caption(name, declared, follows_rank0) for name in names}
             if all(entry is not None for entry in kept.values()):
                 return replace(declared, empty_captions=kept)
         if self.encoders.family is None:
+            text = self.encoders.t5
             encoded = {"t5": text.encode([np.asarray(text.tokenize(""), dtype=np.int32)], 1)[0]}
         else:
             encoded = dict(self.encoders.family.encode_captions([""], 1)[0])
@@ -585,11 +585,9 @@ class BuildJob:
         itemsize = np.dtype(declared.store_dtype).itemsize
         if listed is not None:
             limit = listed.max_bytes
-        elif declared.pipeline is not None:
-            spec = declared.caption_member_spec(name)
-            limit = NPY_HEADER_BYTES + itemsize * math.prod(high for _, high in declared.shape_rule(spec, (0, 0)))
-        else:
-            limit = NPY_HEADER_BYTES + declared.params["max_length"] * declared.params["D"] * itemsize
+        else:  # caption members do not depend on the bucket
+            bounds = declared.shape_rule(declared.empty_caption_specs[name], (0, 0))
+            limit = NPY_HEADER_BYTES + itemsize * math.prod(high for _, high in bounds)
         try:
             size = self.storage.size(path)
             if size is None:

@@ -199,10 +199,14 @@ class SampleFormat:
                 return member
         return None
 
-    def caption_member_spec(self, member: str) -> MemberSpec | None:
-        """A pipeline build's declaration of ``member`` (``prompt_embeds``, ...) of every caption field."""
-        name = family_member("{field}", member)
-        return next((spec for spec in self.text_members if spec.name == name), None)
+    @property
+    def empty_caption_specs(self) -> dict[str, MemberSpec]:
+        """What the build stores of the empty caption, by name, each with the caption member it is
+        stored as: ``t5`` (T5's rows), or each member a caption of a --pipeline build has
+        (``prompt_embeds``, ``pooled_prompt_embeds``, ...)."""
+        if self.pipeline is None:
+            return {"t5": self.text_members[0]}
+        return {spec.name[len("{field}."):-len(".npy")]: spec for spec in self.text_members}  # family_member names
 
     def field_members(self, field: str) -> list[tuple[str, MemberSpec]]:
         """(member name, its spec) of each array stored for caption field ``field``."""
@@ -560,7 +564,7 @@ def load_empty_caption(declared: EmptyCaption, payload: bytes, fmt: SampleFormat
         raise ShardFormatError(f"it is {array.dtype}, the manifest says {declared.dtype} and the build stores "
                                f"{fmt.store_dtype}")
     if fmt.pipeline is not None:
-        spec = fmt.caption_member_spec(declared.encoder)
+        spec = fmt.empty_caption_specs.get(declared.encoder)
         if spec is None:
             raise ShardFormatError(f"the build's captions have no member {declared.encoder!r}")
         bounds = fmt.shape_rule(spec, (0, 0))  # caption members do not depend on the bucket

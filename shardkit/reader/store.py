@@ -317,8 +317,7 @@ def empty_caption(resolved: ResolvedBuild, store: ShardStore) -> np.ndarray | di
         raise ShardkitError("caption_dropout needs the build's stored empty caption: pass the build folder or its "
                             "manifest.json, not a list of shards")
     fmt = resolved.manifest.declaration()
-    names = ["t5"] if fmt.pipeline is None else \
-        [m["name"] for m in fmt.pipeline.get("members", ()) if m.get("dtype") == "store"]
+    names = list(fmt.empty_caption_specs)
     missing = [name for name in names if name not in fmt.empty_captions]
     if missing:
         which = f" ({', '.join(missing)})" if fmt.pipeline is not None else ""
